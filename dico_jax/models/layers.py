@@ -1,0 +1,165 @@
+"""Pure array functions the DiCo network is built from (NHWC layout).
+
+Parameters are plain arrays in the layouts below; `dico.py` owns them as Flax params.
+1x1 convolutions are matrices (C_in, C_out); 3x3 convolutions are HWIO kernels; the
+depthwise 3x3 kernel is (3, 3, C).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+LN_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- init
+def xavier_uniform(fan_in: int, fan_out: int) -> Callable:
+    """Xavier-uniform with explicit fans, so PyTorch's conv fan rules can be followed."""
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def normal(std: float) -> Callable:
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def zeros(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def stacked(init: Callable) -> Callable:
+    """Initializer for a (depth, ...) stack: each layer drawn independently by `init`."""
+
+    def init_stack(key, shape, dtype=jnp.float32):
+        keys = jax.random.split(key, shape[0])
+        return jax.vmap(lambda k: init(k, shape[1:], dtype))(keys)
+
+    return init_stack
+
+
+# --------------------------------------------------------------------------- ops
+def timestep_embedding(t: Array, dim: int = 256, max_period: float = 10000.0) -> Array:
+    """Sinusoidal features [cos(t f), sin(t f)] with f_k = exp(-ln(max_period) k / (dim/2))."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def dense(x: Array, kernel: Array, bias: Array | None = None, dtype: Any = None) -> Array:
+    """x @ kernel (+ bias) over the last axis; also the 1x1 convolution in NHWC."""
+    dtype = dtype or x.dtype
+    y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y
+
+
+def conv3x3(x: Array, kernel: Array, bias: Array | None = None, dtype: Any = None) -> Array:
+    """3x3 convolution, stride 1, zero padding 1; kernel HWIO."""
+    dtype = dtype or x.dtype
+    y = lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y
+
+
+def depthwise3x3(x: Array, kernel: Array, bias: Array, impl: str = "conv") -> Array:
+    """Depthwise 3x3 convolution (groups = channels), padding 1; kernel (3, 3, C).
+
+    impl="conv" is one grouped convolution (what accelerators' conv libraries fuse best);
+    impl="shift" is nine shifted multiply-adds, which XLA fuses into one loop on CPU.
+    """
+    kernel = kernel.astype(x.dtype)
+    if impl == "conv":
+        y = lax.conv_general_dilated(
+            x, kernel[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+    elif impl == "shift":
+        h, w = x.shape[1], x.shape[2]
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        y = sum(xp[:, a:a + h, b:b + w, :] * kernel[a, b] for a in range(3) for b in range(3))
+    else:
+        raise ValueError(f"depthwise impl must be 'conv' or 'shift', got {impl!r}")
+    return y + bias.astype(x.dtype)
+
+
+def modulated_layer_norm(x: Array, shift: Array, scale: Array) -> Array:
+    """LayerNorm over channels (no affine, eps 1e-6), then x (1 + scale) + shift.
+
+    Statistics are taken in fp32 whatever the compute dtype; shift and scale are (N, C).
+    """
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * lax.rsqrt(var + LN_EPS)
+    y = y * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
+    return y.astype(x.dtype)
+
+
+def gelu(x: Array) -> Array:
+    """GELU in its exact erf form, as torch.nn.functional.gelu."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def pixel_unshuffle(x: Array, r: int = 2) -> Array:
+    """PyTorch PixelUnshuffle in NHWC: (N, rh, rw, c) -> (N, h, w, c r r), channel c*r*r + i*r + j."""
+    n, hh, ww, c = x.shape
+    x = x.reshape(n, hh // r, r, ww // r, r, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(n, hh // r, ww // r, c * r * r)
+
+
+def pixel_shuffle(x: Array, r: int = 2) -> Array:
+    """PyTorch PixelShuffle in NHWC, the inverse of `pixel_unshuffle`."""
+    n, h, w, crr = x.shape
+    c = crr // (r * r)
+    x = x.reshape(n, h, w, c, r, r)
+    x = x.transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, h * r, w * r, c)
+
+
+# --------------------------------------------------------------------------- DiCo block
+def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv") -> Array:
+    """One DiCo block on x (N, H, W, D) conditioned on c (N, D); `p` holds one layer's params.
+
+    adaLN (shift, scale, gate) x 2; conv branch 1x1 -> depthwise 3x3 -> GELU -> compact
+    channel attention -> 1x1; MLP branch 1x1 (D -> rD) -> GELU -> 1x1 (rD -> D).
+    """
+    dtype = x.dtype
+    mod = dense(jax.nn.silu(c), p["adaLN_modulation"]["kernel"], p["adaLN_modulation"]["bias"],
+                dtype=jnp.float32)
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+
+    h = modulated_layer_norm(x, shift1, scale1)
+    h = dense(h, p["conv1"]["kernel"], p["conv1"]["bias"], dtype)
+    h = gelu(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl))
+    # Compact channel attention: the pooled mean is taken in fp32 (a sum over H*W values).
+    pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+    attn = jax.nn.sigmoid(dense(pooled, p["ca"]["kernel"], p["ca"]["bias"], jnp.float32))
+    h = h * attn[:, None, None, :].astype(dtype)
+    h = dense(h, p["conv3"]["kernel"], p["conv3"]["bias"], dtype)
+    x = x + gate1[:, None, None, :].astype(dtype) * h
+
+    m = modulated_layer_norm(x, shift2, scale2)
+    m = gelu(dense(m, p["conv4"]["kernel"], p["conv4"]["bias"], dtype))
+    m = dense(m, p["conv5"]["kernel"], p["conv5"]["bias"], dtype)
+    return x + gate2[:, None, None, :].astype(dtype) * m

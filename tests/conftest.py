@@ -1,0 +1,30 @@
+"""Test harness: every test process sees 8 fake CPU devices, so sharded code runs on each commit."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402  (must follow the XLA_FLAGS above)
+
+jax.config.update("jax_threefry_partitionable", True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, f"expected 8 fake CPU devices, found {jax.devices()}"
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _absl_flags_parsed():
+    """Grain's multi-worker loading reads absl flags; tests have no absl.app.run."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    yield

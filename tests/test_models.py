@@ -1,0 +1,178 @@
+"""The DiCo network: structure, init, conditioning, layout ops, variants, FLOPs."""
+import csv
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dico_jax.models import (MODEL_NAMES, OFFICIAL_PARAM_COUNTS, abstract_params, count_params,
+                             forward_flops_per_image, get_model)
+from dico_jax.models import layers as L
+
+TINY = dict(hidden_size=16, depths=(1, 2, 1, 1, 1), in_channels=1, num_classes=10)
+TSV = os.path.join(os.path.dirname(__file__), "data", "official_state_dict.tsv")
+
+
+def official_rows(model_name):
+    with open(TSV) as f:
+        return [r for r in csv.DictReader(f, delimiter="\t") if r["model"] == model_name]
+
+
+def _inputs(n=4, hw=8, c=1, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, hw, hw, c)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, n))
+    y = jnp.asarray(rng.integers(0, 10, n))
+    return x, t, y
+
+
+def _randomized(params, seed=1, std=0.1):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [std * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_parameter_count_matches_official(name):
+    assert count_params(abstract_params(get_model(name))) == OFFICIAL_PARAM_COUNTS[name]
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="DiCo-S.*DiCo-XL"):
+        get_model("DiCo-XXL")
+    with pytest.raises(ValueError, match="unknown model fields"):
+        get_model("DiCo-S", widht=3)
+
+
+def test_fresh_model_outputs_exact_zero():
+    model = get_model("DiCo-S", **TINY)
+    x, t, y = _inputs()
+    params = model.init({"params": jax.random.key(0)}, x, t, y)["params"]
+    out = model.apply({"params": params}, x, t, y)
+    assert out.shape == (4, 8, 8, 2)
+    assert float(jnp.abs(out).max()) == 0.0
+
+
+def test_init_matches_official_scheme_dico_s():
+    """Zeros where the official init has zeros; elsewhere the std of the official init."""
+    from dico_jax.convert import flax_to_torch
+
+    model = get_model("DiCo-S")
+    x = jnp.zeros((1, 8, 8, 4))
+    t = jnp.zeros((1,), jnp.int32)
+    params = jax.jit(lambda k: model.init({"params": k}, x, t, t)["params"])(jax.random.key(0))
+    ours = flax_to_torch(params, "DiCo-S")
+    rows = official_rows("DiCo-S")
+    assert [r["key"] for r in rows] == list(ours), "official state_dict order differs"
+    checked = 0
+    for r in rows:
+        w = ours[r["key"]].numpy()
+        if r["init"] == "zeros":
+            assert not np.any(w), r["key"]
+        elif w.size >= 4096:
+            std = float(r["init"].split("=")[1])
+            assert abs(w.std() - std) / std < 0.05, (r["key"], w.std(), std)
+            checked += 1
+    assert checked > 100
+
+
+def test_label_dropout_and_forced_null():
+    model = get_model("DiCo-S", **TINY)
+    x, t, y = _inputs(n=64)
+    params = _randomized(model.init({"params": jax.random.key(0)}, x, t, y)["params"])
+    apply = lambda **kw: model.apply({"params": params}, x, t, y, **kw)  # noqa: E731
+    eval_out = apply()
+    null_out = model.apply({"params": params}, x, t, jnp.full_like(y, 10))
+    forced = jnp.arange(64) % 2 == 0
+    out = apply(force_drop=forced)
+    np.testing.assert_array_equal(out[::2], null_out[::2])
+    np.testing.assert_array_equal(out[1::2], eval_out[1::2])
+    # Training: about 10% of rows take the null label, chosen by the dropout key.
+    train = apply(train=True, rngs={"dropout": jax.random.key(3)})
+    dropped = np.array([np.array_equal(train[i], null_out[i]) for i in range(64)])
+    kept = np.array([np.array_equal(train[i], eval_out[i]) for i in range(64)])
+    assert np.all(dropped ^ kept)
+    assert 1 <= dropped.sum() <= 20
+    again = apply(train=True, rngs={"dropout": jax.random.key(3)})
+    np.testing.assert_array_equal(train, again)
+
+
+def test_pixel_shuffle_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal((2, 6, 8, 12)).astype(np.float32)
+    ours = np.asarray(L.pixel_unshuffle(jnp.asarray(x)))
+    ref = torch.nn.functional.pixel_unshuffle(torch.from_numpy(x).permute(0, 3, 1, 2), 2)
+    np.testing.assert_array_equal(ours, ref.permute(0, 2, 3, 1).numpy())
+    back = np.asarray(L.pixel_shuffle(jnp.asarray(ours)))
+    np.testing.assert_array_equal(back, x)
+    ref_up = torch.nn.functional.pixel_shuffle(torch.from_numpy(x).permute(0, 3, 1, 2), 2)
+    np.testing.assert_array_equal(np.asarray(L.pixel_shuffle(jnp.asarray(x))),
+                                  ref_up.permute(0, 2, 3, 1).numpy())
+
+
+def test_timestep_embedding_formula():
+    t = jnp.array([0.0, 1.0, 999.0])
+    emb = np.asarray(L.timestep_embedding(t, 256))
+    k = 5
+    f = math.exp(-math.log(10000) * k / 128)
+    np.testing.assert_allclose(emb[2, k], math.cos(999 * f), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(emb[2, 128 + k], math.sin(999 * f), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(emb[0, :128], 1.0)
+
+
+def test_variants_agree_depthwise_scan_remat():
+    """shift vs conv depthwise, Python loop vs scan, remat: same function, same gradient."""
+    x, t, y = _inputs()
+    base = get_model("DiCo-S", **TINY, depthwise_impl="conv")
+    params = _randomized(base.init({"params": jax.random.key(0)}, x, t, y)["params"])
+
+    def loss_and_grad(model):
+        f = lambda p: jnp.mean(model.apply({"params": p}, x, t, y) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    ref_loss, ref_grad = loss_and_grad(base)
+    for variant in (dict(depthwise_impl="shift"), dict(scan=False), dict(remat="full"),
+                    dict(remat="dots")):
+        loss, grad = loss_and_grad(base.clone(**variant))
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(variant))
+        for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6, err_msg=str(variant))
+
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
+    x, t, y = _inputs()
+    model = get_model("DiCo-S", **TINY, dtype="bfloat16")
+    params = model.init({"params": jax.random.key(0)}, x, t, y)["params"]
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    params = _randomized(params)
+    out16 = model.apply({"params": params}, x, t, y)
+    out32 = get_model("DiCo-S", **TINY).apply({"params": params}, x, t, y)
+    assert out16.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+    assert rel < 0.05
+
+
+def test_bad_input_shapes():
+    model = get_model("DiCo-S", **TINY)
+    x, t, y = _inputs()
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model.init({"params": jax.random.key(0)}, jnp.zeros((1, 6, 6, 1)), t[:1], y[:1])
+    with pytest.raises(ValueError, match=r"\(N, H, W, 1\)"):
+        model.init({"params": jax.random.key(0)}, jnp.zeros((1, 8, 8, 3)), t[:1], y[:1])
+
+
+def test_forward_flops_dico_s_matches_paper():
+    # Paper: 4.25 GMACs per 256x256 image (32x32x4 latent); XLA counts 2 FLOPs per MAC.
+    flops = forward_flops_per_image(get_model("DiCo-S"), 32, 32)
+    assert abs(flops / (2 * 4.25e9) - 1) < 0.05, flops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,gmacs", [("DiCo-B", 16.88), ("DiCo-L", 60.24), ("DiCo-XL", 87.30)])
+def test_forward_flops_match_paper(name, gmacs):
+    flops = forward_flops_per_image(get_model(name), 32, 32)
+    assert abs(flops / (2 * gmacs * 1e9) - 1) < 0.05, flops
