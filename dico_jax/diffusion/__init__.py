@@ -1,0 +1,57 @@
+"""Gaussian diffusion for DiCo: schedules, training loss, samplers and classifier-free guidance."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from dico_jax.diffusion.gaussian import (
+    BETA_SCHEDULES,
+    GaussianDiffusion,
+    discretized_gaussian_log_likelihood,
+    named_beta_schedule,
+    normal_kl,
+)
+from dico_jax.diffusion.guidance import guided_model_fn
+from dico_jax.diffusion.respace import respaced_betas, space_timesteps
+from dico_jax.diffusion.sampling import ddim_sample_loop, p_sample_loop
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "GaussianDiffusion",
+    "create_diffusion",
+    "ddim_sample_loop",
+    "discretized_gaussian_log_likelihood",
+    "guided_model_fn",
+    "named_beta_schedule",
+    "normal_kl",
+    "p_sample_loop",
+    "respaced_betas",
+    "space_timesteps",
+]
+
+
+def create_diffusion(
+    timestep_respacing: str | int | Sequence[int] | None = "",
+    noise_schedule: str = "linear",
+    learn_sigma: bool = True,
+    diffusion_steps: int = 1000,
+) -> GaussianDiffusion:
+    """The DiT/DiCo diffusion: `diffusion_steps` steps of `noise_schedule`, optionally respaced.
+
+    "" or None keeps every step (training); "250" is the FID sampling setting; "ddimN" is for
+    `ddim_sample_loop`.
+    """
+    betas = named_beta_schedule(noise_schedule, diffusion_steps)
+    if timestep_respacing is None or timestep_respacing == "":
+        kept = list(range(diffusion_steps))
+    else:
+        kept = space_timesteps(diffusion_steps, timestep_respacing)
+    if len(kept) < 2:
+        raise ValueError(
+            f"timestep_respacing {timestep_respacing!r} keeps {len(kept)} step(s); need >= 2"
+        )
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    return GaussianDiffusion.from_betas(
+        respaced_betas(alphas_cumprod, kept), np.asarray(kept), learn_sigma=learn_sigma
+    )
