@@ -1,0 +1,1 @@
+"""Command-line tools that read training outputs: scaling curves."""
