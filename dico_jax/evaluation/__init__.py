@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: ADM metrics (FID, sFID, IS, precision/recall) and their feature networks."""
