@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from dico_jax.convert import (flax_to_torch, load_torch_checkpoint, official_shapes,  # noqa: E402
                               torch_to_flax)
 from dico_jax.models import MODEL_NAMES, get_model  # noqa: E402
-from tests.test_models import official_rows  # noqa: E402
+from tests.test_models import official_rows, random_params  # noqa: E402
 from tests.torch_dico import TorchDiCo, randomize_  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -125,11 +125,7 @@ def test_wrong_model_size_is_reported(torch_model):
 
 
 def test_flax_to_torch_rejects_wrong_tree():
-    model = get_model("DiCo-S", **TINY)
-    x = jnp.zeros((1, 8, 8, 4))
-    t = jnp.zeros((1,), jnp.int32)
-    params = model.init({"params": jax.random.key(0)}, x, t, t)["params"]
-    params = jax.tree_util.tree_map(np.asarray, params)
+    params = jax.tree_util.tree_map(np.asarray, random_params(get_model("DiCo-S", **TINY)))
     params["latent"]["conv1"]["kernel"] = np.zeros((1, 3, 3))
     with pytest.raises(ValueError, match="latent/conv1/kernel: expected"):
         flax_to_torch(params, "DiCo-S", **TINY)

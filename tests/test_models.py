@@ -29,11 +29,12 @@ def _inputs(n=4, hw=8, c=1, seed=0):
     return x, t, y
 
 
-def _randomized(params, seed=1, std=0.1):
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [std * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+def random_params(model, std=0.1, seed=1):
+    """Random values for every parameter (zero-initialized ones too), without compiling init."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(std * rng.standard_normal(s.shape), jnp.float32),
+        abstract_params(model, 8, 8))
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -51,8 +52,8 @@ def test_unknown_model_lists_valid_names():
 def test_fresh_model_outputs_exact_zero():
     model = get_model("DiCo-S", **TINY)
     x, t, y = _inputs()
-    params = model.init({"params": jax.random.key(0)}, x, t, y)["params"]
-    out = model.apply({"params": params}, x, t, y)
+    params = jax.jit(model.init)({"params": jax.random.key(0)}, x, t, y)["params"]
+    out = jax.jit(model.apply)({"params": params}, x, t, y)
     assert out.shape == (4, 8, 8, 2)
     assert float(jnp.abs(out).max()) == 0.0
 
@@ -83,22 +84,25 @@ def test_init_matches_official_scheme_dico_s():
 def test_label_dropout_and_forced_null():
     model = get_model("DiCo-S", **TINY)
     x, t, y = _inputs(n=64)
-    params = _randomized(model.init({"params": jax.random.key(0)}, x, t, y)["params"])
-    apply = lambda **kw: model.apply({"params": params}, x, t, y, **kw)  # noqa: E731
-    eval_out = apply()
-    null_out = model.apply({"params": params}, x, t, jnp.full_like(y, 10))
+    params = random_params(model)
+    run = jax.jit(lambda y, drop, key: (
+        model.apply({"params": params}, x, t, y),
+        model.apply({"params": params}, x, t, y, force_drop=drop),
+        model.apply({"params": params}, x, t, y, train=True, rngs={"dropout": key})))
     forced = jnp.arange(64) % 2 == 0
-    out = apply(force_drop=forced)
+    eval_out, out, train = run(y, forced, jax.random.key(3))
+    null_out = run(jnp.full_like(y, 10), forced, jax.random.key(3))[0]
     np.testing.assert_array_equal(out[::2], null_out[::2])
     np.testing.assert_array_equal(out[1::2], eval_out[1::2])
     # Training: about 10% of rows take the null label, chosen by the dropout key.
-    train = apply(train=True, rngs={"dropout": jax.random.key(3)})
     dropped = np.array([np.array_equal(train[i], null_out[i]) for i in range(64)])
     kept = np.array([np.array_equal(train[i], eval_out[i]) for i in range(64)])
     assert np.all(dropped ^ kept)
     assert 1 <= dropped.sum() <= 20
-    again = apply(train=True, rngs={"dropout": jax.random.key(3)})
+    again = run(y, forced, jax.random.key(3))[2]
     np.testing.assert_array_equal(train, again)
+    other = run(y, forced, jax.random.key(4))[2]
+    assert not np.array_equal(train, other)
 
 
 def test_pixel_shuffle_matches_torch():
@@ -128,14 +132,14 @@ def test_variants_agree_depthwise_scan_remat():
     """shift vs conv depthwise, Python loop vs scan, remat: same function, same gradient."""
     x, t, y = _inputs()
     base = get_model("DiCo-S", **TINY, depthwise_impl="conv")
-    params = _randomized(base.init({"params": jax.random.key(0)}, x, t, y)["params"])
+    params = random_params(base)
 
     def loss_and_grad(model):
         f = lambda p: jnp.mean(model.apply({"params": p}, x, t, y) ** 2)  # noqa: E731
         return jax.jit(jax.value_and_grad(f))(params)
 
     ref_loss, ref_grad = loss_and_grad(base)
-    for variant in (dict(depthwise_impl="shift"), dict(scan=False), dict(remat="full"),
+    for variant in (dict(depthwise_impl="shift", scan=False), dict(remat="full"),
                     dict(remat="dots")):
         loss, grad = loss_and_grad(base.clone(**variant))
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(variant))
@@ -146,11 +150,11 @@ def test_variants_agree_depthwise_scan_remat():
 def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
     x, t, y = _inputs()
     model = get_model("DiCo-S", **TINY, dtype="bfloat16")
-    params = model.init({"params": jax.random.key(0)}, x, t, y)["params"]
-    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-    params = _randomized(params)
-    out16 = model.apply({"params": params}, x, t, y)
-    out32 = get_model("DiCo-S", **TINY).apply({"params": params}, x, t, y)
+    abstract = jax.eval_shape(model.init, {"params": jax.random.key(0)}, x, t, y)["params"]
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(abstract))
+    params = random_params(model)
+    out16 = jax.jit(model.apply)({"params": params}, x, t, y)
+    out32 = jax.jit(get_model("DiCo-S", **TINY).apply)({"params": params}, x, t, y)
     assert out16.dtype == jnp.float32
     rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
     assert rel < 0.05

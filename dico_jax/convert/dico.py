@@ -214,7 +214,7 @@ def flax_to_torch(params: Mapping, model_name: str, **overrides) -> dict:
         w = np.asarray(_get(params, e.flax_path), dtype=np.float32)
         if e.layer is not None:
             w = w[e.layer]
-        out[e.torch_key] = torch.from_numpy(np.ascontiguousarray(_to_torch(w, e.layout)))
+        out[e.torch_key] = torch.from_numpy(np.array(_to_torch(w, e.layout), order="C"))
     return out
 
 

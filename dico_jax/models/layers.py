@@ -65,7 +65,11 @@ def timestep_embedding(t: Array, dim: int = 256, max_period: float = 10000.0) ->
 def dense(x: Array, kernel: Array, bias: Array | None = None, dtype: Any = None) -> Array:
     """x @ kernel (+ bias) over the last axis; also the 1x1 convolution in NHWC."""
     dtype = dtype or x.dtype
-    y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
+    # A 2-D matrix product: XLA:CPU's fast GEMM path needs one contracting dimension, also
+    # for the kernel gradient, which contracts over N, H and W.
+    lead = x.shape[:-1]
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.astype(dtype))
+    y = y.reshape(*lead, kernel.shape[-1])
     if bias is not None:
         y = y + bias.astype(dtype)
     return y
