@@ -1,0 +1,90 @@
+"""Shared defaults: the official DiCo training recipe (ImageNet latents, AdamW, EMA 0.9999).
+
+Other configs import `get_config()` from here and override what differs. Every field can be
+overridden on the command line, e.g. `--config.learning_rate=2e-4 --config.mesh.fsdp=4`.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    config.seed = 0
+    config.global_batch_size = 256
+    config.num_train_steps = 400_000
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 50_000
+    config.keep_checkpoints = 3
+    # A grid of samples every this many steps (pixel-space data only); 0 disables.
+    config.sample_every_steps = 0
+    # Also write a grid after the last step (pixel-space data only).
+    config.sample_at_end = False
+
+    # Optimizer: AdamW, constant learning rate after an optional linear warmup.
+    config.learning_rate = 1e-4
+    config.warmup_steps = 0
+    config.grad_clip_norm = 0.0  # global-norm clipping; 0 disables
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.adam_eps = 1e-8
+    config.weight_decay = 0.0
+    config.ema_decay = 0.9999
+
+    # Compute dtype of the network ("float32" or "bfloat16"); parameters, optimizer state and
+    # the loss stay float32.
+    config.dtype = "float32"
+    # Rematerialization of each block: "none", "full", "dots", "dots_no_batch".
+    config.remat = "none"
+
+    # Device mesh: axis sizes, -1 takes the devices left over. Parameters with at least
+    # `fsdp_min_size` elements are split along `fsdp`; the batch is split over both axes.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    config.fsdp_min_size = 2**18
+
+    # The network: `name` picks the official widths/depths; a field left None keeps the
+    # default of that model (in_channels / out_channels / num_classes follow the data).
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "DiCo-XL"
+    config.model.hidden_size = config_dict.placeholder(int)
+    config.model.depths = config_dict.placeholder(tuple)
+    config.model.mlp_ratio = config_dict.placeholder(float)
+    config.model.in_channels = config_dict.placeholder(int)
+    config.model.out_channels = config_dict.placeholder(int)
+    config.model.num_classes = config_dict.placeholder(int)
+    config.model.class_dropout_prob = 0.1
+
+    # Input: a latent dataset written by `dico_jax.data` (manifest.json + ArrayRecord shards).
+    config.data = ml_collections.ConfigDict()
+    config.data.dir = ""
+    # "digits": with an empty `dir`, build the built-in digits dataset under the workdir.
+    config.data.builtin = ""
+    config.data.random_flip = True
+    config.data.worker_count = 0
+    # Image resolution; the latents are resolution / 8 (SD VAE) per side.
+    config.resolution = 256
+
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.steps = 1000
+    config.diffusion.noise_schedule = "linear"
+    config.diffusion.learn_sigma = True
+
+    # Sampling: the FID protocol (250 ancestral steps, EMA weights, CFG on 3 eps channels);
+    # the training-time grids use the same settings with `grid_per_class` images per class.
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.sampler = "ddpm"  # "ddpm" or "ddim"
+    config.sampling.respacing = "250"
+    config.sampling.cfg_scale = 1.5
+    config.sampling.guidance_channels = 3
+    config.sampling.num_samples = 50_000
+    config.sampling.grid_classes = 10
+    config.sampling.grid_per_class = 8
+
+    # Peak FLOP/s of one chip for perf/mfu where the chip is not in the built-in table
+    # (e.g. CPU).
+    config.peak_flops = 1e12
+
+    # Write every step's loss to `losses.jsonl` in the workdir (for resumption checks).
+    config.debug_log_losses = False
+
+    return config

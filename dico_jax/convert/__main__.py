@@ -1,0 +1,94 @@
+"""Checkpoints between the official PyTorch DiCo and dico-jax.
+
+    python -m dico_jax.convert from-torch --model DiCo-XL --src 0400000.pt --out ckpt/dico-xl
+    python -m dico_jax.convert to-torch --checkpoint WORKDIR --out dico-xl.pt [--safetensors]
+
+from-torch writes an Orbax checkpoint `OUT/<step>/` (step from a file name like 0400000.pt,
+else 0) that `python -m dico_jax.sample --checkpoint OUT` reads. to-torch writes
+{"model": ..., "ema": ...} under the official parameter names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from dico_jax.models import MODEL_NAMES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dico_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    imp = commands.add_parser("from-torch", help="official .pt -> Orbax checkpoint directory")
+    imp.add_argument("--model", required=True, choices=MODEL_NAMES, help="model the weights are of")
+    imp.add_argument("--src", required=True, help="official checkpoint (.pt/.pth/.safetensors)")
+    imp.add_argument("--out", required=True, help="new Orbax checkpoint directory")
+    imp.add_argument("--model-overrides", default="{}", type=_json_object,
+                     help="JSON of config.model fields, e.g. "
+                          "'{\"hidden_size\": 64, \"depths\": [1, 1, 1, 1, 1]}'")
+    imp.add_argument("--resolution", type=int, default=256, choices=(256, 512),
+                     help="image resolution the weights were trained at (saved in the config)")
+    imp.add_argument("--step", type=int, default=None,
+                     help="train step to record (default: from the file name, else 0)")
+
+    exp = commands.add_parser("to-torch", help="Orbax checkpoint -> official .pt")
+    exp.add_argument("--checkpoint", required=True,
+                     help="training workdir, its checkpoints/ folder, or a from-torch directory")
+    exp.add_argument("--step", type=int, default=None, help="default: the latest")
+    exp.add_argument("--out", required=True, help="output .pt (or the stem with --safetensors)")
+    exp.add_argument("--safetensors", action="store_true",
+                     help="write STEM.model.safetensors and STEM.ema.safetensors instead of a .pt")
+    exp.add_argument("--no-ema", dest="use_ema", action="store_false",
+                     help="export the raw weights only (a bare state_dict)")
+    return parser
+
+
+class _OrbaxInfoFilter(logging.Filter):
+    """Orbax reports every save and read-only open; keep only its errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax() -> None:
+    logging.getLogger("absl").addFilter(_OrbaxInfoFilter())
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_orbax()
+    from dico_jax.convert import checkpoints
+
+    try:
+        if args.command == "from-torch":
+            report = checkpoints.import_torch_checkpoint(
+                args.src, args.out, args.model, args.model_overrides, step=args.step,
+                resolution=args.resolution)
+        else:
+            report = checkpoints.export_torch_checkpoint(
+                args.checkpoint, args.out, step=args.step, use_ema=args.use_ema,
+                safetensors=args.safetensors)
+    except (OSError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

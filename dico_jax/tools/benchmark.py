@@ -1,0 +1,238 @@
+"""Throughput benchmark: DiCo training step, forward pass and guided sampler, with a PyTorch baseline.
+
+    python -m dico_jax.tools.benchmark --models DiCo-S --batch 8 --dtypes float32 [--torch]
+    python -m dico_jax.tools.benchmark --models DiCo-XL --batch 64 --fwd-batch 128 \
+        --dtypes float32,bfloat16 --torch --json bench.json          # on a GPU
+
+For every (model, dtype): compile time of the full train step (loss, backward, AdamW, EMA),
+steady-state train images/s, TFLOP/s and MFU (3 x XLA's forward FLOPs per image against the
+chip's bf16 peak), forward images/s, peak device memory, and the guided ancestral sampler's
+images/s. With --torch, the PyTorch reference DiCo (eager; fp32 and bf16 autocast) is timed
+in the same process and the ratios are printed beside the absolute numbers. Warm-up runs are
+excluded; each figure is the median of --repeats timed runs.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dico_jax.diffusion import create_diffusion, guided_model_fn
+from dico_jax.models import forward_flops_per_image, get_model
+from dico_jax.train import PEAK_BF16_FLOPS, create_train_state, train_step
+
+
+def peak_flops(device_kind: str, cpu_peak: float) -> float:
+    for name, flops in PEAK_BF16_FLOPS:
+        if name.lower() in device_kind.lower():
+            return flops
+    return cpu_peak
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_gib() -> float | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repeats: int,
+              sample_steps: int, sample_batch: int, remat: str, cpu_peak: float,
+              depthwise: str = "auto") -> dict:
+    model = get_model(name, dtype=dtype, remat=remat, depthwise_impl=depthwise)
+    diffusion = create_diffusion("")
+    tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    shape = (res, res, model.in_channels)
+    rng = np.random.default_rng(0)
+    batch_data = {"latent": jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32),
+                  "label": jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)}
+    state = jax.jit(functools.partial(create_train_state, model=model, tx=tx,
+                                      latent_shape=shape))(jax.random.key(0))
+    step = jax.jit(functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
+                                     lr_schedule=optax.constant_schedule(1e-4), ema_decay=0.9999,
+                                     step_key=jax.random.key(1)), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch_data).compile()
+    compile_s = time.perf_counter() - t0
+
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = compiled(holder["state"], batch_data)
+        return metrics["loss"]
+
+    train_s = median_seconds(run_step, repeats)
+    params = holder["state"].params
+
+    x = jnp.asarray(rng.standard_normal((fwd_batch, *shape)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, fwd_batch))
+    y = jnp.asarray(rng.integers(0, 1000, fwd_batch))
+    fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+    fwd_s = median_seconds(lambda: fwd(params, x, t, y), repeats)
+
+    sampler = create_diffusion(str(sample_steps))
+    ys = jnp.asarray(rng.integers(0, 1000, sample_batch))
+
+    @jax.jit
+    def sample(p, noise, key):
+        mf = guided_model_fn(lambda x, t, yy: model.apply({"params": p}, x, t, yy), ys, 1.5,
+                             null_label=model.null_label)
+        return sampler.p_sample_loop(mf, noise, key)
+
+    noise = jnp.asarray(rng.standard_normal((sample_batch, *shape)), jnp.float32)
+    sample_s = median_seconds(lambda: sample(params, noise, jax.random.key(2)), max(1, repeats // 3))
+
+    flops_img = 3.0 * forward_flops_per_image(model, res, res)
+    device = jax.devices()[0]
+    train_ips = batch / train_s
+    tflops = train_ips * flops_img / 1e12
+    return {
+        "impl": "jax", "model": name, "dtype": dtype, "batch": batch, "res": res, "remat": remat,
+        "depthwise": model._depthwise_impl(),
+        "compile_s": compile_s, "train_img_s": train_ips, "train_tflops": tflops,
+        "mfu": tflops * 1e12 / peak_flops(device.device_kind, cpu_peak),
+        "fwd_img_s": fwd_batch / fwd_s,
+        # Images per second of a full 250-step guided run, from `sample_steps` timed steps.
+        "sample250_img_s": sample_batch / (sample_s * 250 / sample_steps),
+        "peak_mem_gib": peak_memory_gib(),
+    }
+
+
+def bench_torch(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repeats: int) -> dict:
+    """The PyTorch reference DiCo of the parity tests, eager, fp32 or bf16 autocast."""
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from tests.torch_dico import TorchDiCo
+    from dico_jax.models import MODEL_CONFIGS
+
+    cfg = MODEL_CONFIGS[name]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = TorchDiCo(cfg["hidden_size"], cfg["depths"], cfg["mlp_ratio"]).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    autocast = functools.partial(torch.autocast, device_type=dev, dtype=torch.bfloat16,
+                                 enabled=dtype == "bfloat16")
+    x = torch.randn(batch, 4, res, res, device=dev)
+    t = torch.randint(0, 1000, (batch,), device=dev)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+    target = torch.randn(batch, 8, res, res, device=dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            out = model(x, t, y)
+        # The network's cost dominates; an MSE on all outputs stands in for the diffusion loss.
+        loss = torch.mean((out.float() - target) ** 2)
+        loss.backward()
+        opt.step()
+        sync()
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    train_s = timed(step)
+    xf = torch.randn(fwd_batch, 4, res, res, device=dev)
+    tf = torch.randint(0, 1000, (fwd_batch,), device=dev)
+    yf = torch.randint(0, 1000, (fwd_batch,), device=dev)
+
+    def fwd():
+        with torch.no_grad(), autocast():
+            model(xf, tf, yf)
+        sync()
+
+    fwd_s = timed(fwd)
+    return {"impl": "torch", "model": name, "dtype": dtype, "batch": batch, "res": res,
+            "train_img_s": batch / train_s, "fwd_img_s": fwd_batch / fwd_s}
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    head = (f"{'impl':5} {'model':8} {'dtype':9} {'dwconv':6} {'batch':>5} {'compile s':>9} {'train img/s':>11} "
+            f"{'TFLOP/s':>8} {'MFU':>6} {'fwd img/s':>10} {'250-step img/s':>14} {'peak GiB':>8} "
+            f"{'train x torch':>13} {'fwd x torch':>11}")
+    print(head)
+    for r in rows:
+        print(f"{r['impl']:5} {r['model']:8} {r['dtype']:9} {r.get('depthwise', '-'):6} {r['batch']:5d} "
+              f"{fmt(r.get('compile_s'), '9.1f')} {fmt(r['train_img_s'], '11.2f')} "
+              f"{fmt(r.get('train_tflops'), '8.3f')} {fmt(r.get('mfu'), '6.1%')} "
+              f"{fmt(r['fwd_img_s'], '10.2f')} {fmt(r.get('sample250_img_s'), '14.3f')} "
+              f"{fmt(r.get('peak_mem_gib'), '8.2f')} {fmt(r.get('train_vs_torch'), '13.2f')} "
+              f"{fmt(r.get('fwd_vs_torch'), '11.2f')}")
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="DiCo-S")
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--batch", type=int, default=8, help="train batch per chip")
+    ap.add_argument("--fwd-batch", type=int, default=None, help="forward batch (default: --batch)")
+    ap.add_argument("--res", type=int, default=32, help="latent height/width (32 = 256px)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sample-steps", type=int, default=5,
+                    help="sampler steps timed (the 250-step rate is extrapolated)")
+    ap.add_argument("--sample-batch", type=int, default=None)
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--depthwise", default="auto",
+                    help="depthwise 3x3 as 'conv' (grouped conv), 'shift' (9 multiply-adds) or "
+                         "'auto' (shift on CPU, conv elsewhere); a comma list times each")
+    ap.add_argument("--cpu-peak-tflops", type=float, default=1.0,
+                    help="peak used for MFU when the device is not a known accelerator")
+    ap.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    fwd_batch = args.fwd_batch or args.batch
+    rows = []
+    for name in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            for depthwise in args.depthwise.split(","):
+                rows.append(bench_jax(name, dtype, args.batch, fwd_batch, args.res, args.repeats,
+                                      args.sample_steps, args.sample_batch or args.batch,
+                                      args.remat, args.cpu_peak_tflops * 1e12, depthwise))
+            if args.torch:
+                ref = bench_torch(name, dtype, args.batch, fwd_batch, args.res, args.repeats)
+                for row in rows:
+                    if row["impl"] == "jax" and row["model"] == name and row["dtype"] == dtype:
+                        row["train_vs_torch"] = row["train_img_s"] / ref["train_img_s"]
+                        row["fwd_vs_torch"] = row["fwd_img_s"] / ref["fwd_img_s"]
+                rows.append(ref)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

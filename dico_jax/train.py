@@ -1,0 +1,537 @@
+"""Training: the train state, one sharded train step, and the loop with checkpoints and metrics.
+
+`create_train_state`, `make_optimizer` and `train_step` need only JAX, Flax and Optax (the
+benchmarks import them on machines without the input and logging stack);
+`train_and_evaluate` adds Grain, Orbax and clu.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from dico_jax import sharding as sharding_lib
+from dico_jax.diffusion import GaussianDiffusion, create_diffusion
+from dico_jax.models import forward_flops_per_image, get_model
+
+Metrics = dict[str, jax.Array]
+
+# Dense bf16 peak FLOP/s of one chip, matched against `jax.Device.device_kind` in order.
+PEAK_BF16_FLOPS = (
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+    ("TPU v4", 275e12),
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm of a step was NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # steps completed
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "params": self.params, "ema_params": self.ema_params,
+                "opt_state": self.opt_state}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer, state.
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Fields of `config.model` that are set (all but `name`), plus dtype and remat."""
+    fields = {k: v for k, v in config.model.items() if k != "name" and v is not None}
+    if "depths" in fields:
+        fields["depths"] = tuple(int(d) for d in fields["depths"])
+    fields.update(dtype=config.dtype, remat=config.remat,
+                  learn_sigma=config.diffusion.learn_sigma)
+    return fields
+
+
+def build_model(config: ml_collections.ConfigDict):
+    return get_model(config.model.name, **model_overrides(config))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup_steps`, then constant `learning_rate`."""
+    lr = float(config.learning_rate)
+    if config.warmup_steps <= 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, int(config.warmup_steps)), optax.constant_schedule(lr)],
+        [int(config.warmup_steps)])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
+                                                                optax.Schedule]:
+    """AdamW with the schedule above, after optional global-norm clipping."""
+    schedule = learning_rate_schedule(config)
+    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                        weight_decay=config.weight_decay)
+    if config.grad_clip_norm and config.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw), schedule
+    return adamw, schedule
+
+
+def create_train_state(key: jax.Array, model: Any, tx: optax.GradientTransformation,
+                       latent_shape: tuple[int, int, int]) -> TrainState:
+    """Fresh parameters; the EMA starts equal to them (as the official recipe)."""
+    x = jnp.zeros((1, *latent_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    params = model.init({"params": key}, x, t, t)["params"]
+    # A separate copy: params and EMA are donated to the step as distinct buffers.
+    ema_params = jax.tree.map(jnp.copy, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
+                      opt_state=tx.init(params))
+
+
+def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh, min_size: int) -> TrainState:
+    """Params, EMA and the Adam moments split by the FSDP rule; scalars replicated."""
+    return sharding_lib.param_shardings(abstract_state, mesh, min_size)
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, base key of the steps); step s draws from fold_in(base key, s)."""
+    init_key, step_key = jax.random.split(jax.random.key(seed))
+    return init_key, step_key
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
+               diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
+               lr_schedule: optax.Schedule, ema_decay: float,
+               step_key: jax.Array) -> tuple[TrainState, Metrics]:
+    """One AdamW step on the diffusion loss and the EMA update.
+
+    Timesteps, noise and label dropout come from fold_in(step_key, state.step), so a step
+    depends only on the state and the batch. Returns the new state and scalar metrics.
+    """
+    key = jax.random.fold_in(step_key, state.step)
+    t_key, noise_key, dropout_key = jax.random.split(key, 3)
+    x, y = batch["latent"].astype(jnp.float32), batch["label"]
+    t = jax.random.randint(t_key, (x.shape[0],), 0, diffusion.num_timesteps)
+    noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+
+    def loss_fn(params):
+        def model_fn(x_t, timesteps):
+            return model.apply({"params": params}, x_t, timesteps, y, train=True,
+                               rngs={"dropout": dropout_key})
+        terms = diffusion.training_losses(model_fn, x, t, noise)
+        return jnp.mean(terms["loss"]), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay),
+                              state.ema_params, params)
+    metrics = {
+        "loss": loss,
+        "mse": jnp.mean(terms["mse"]),
+        "vb": jnp.mean(terms["vb"]),
+        "grad_norm": optax.global_norm(grads),
+        "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: Any, diffusion: GaussianDiffusion,
+                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                    shardings: TrainState, mesh: jax.sharding.Mesh) -> Callable:
+    """`train_step` jitted with explicit shardings; the input state is donated."""
+    _, step_key = seed_keys(config.seed)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    step = functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
+                             lr_schedule=lr_schedule, ema_decay=float(config.ema_decay),
+                             step_key=step_key)
+    return jax.jit(step,
+                   in_shardings=(shardings, {"latent": batch_sharding, "label": batch_sharding}),
+                   out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+def init_state(config: ml_collections.ConfigDict, model: Any, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh, latent_shape: tuple[int, int, int]
+               ) -> tuple[Callable[[], TrainState], TrainState, TrainState]:
+    """(init function, abstract state, shardings): `init()` builds the state already sharded."""
+    init_key, _ = seed_keys(config.seed)
+    create = functools.partial(create_train_state, model=model, tx=tx, latent_shape=latent_shape)
+    abstract = jax.eval_shape(create, init_key)
+    shardings = state_shardings(abstract, mesh, config.fsdp_min_size)
+    init = jax.jit(create, out_shardings=shardings)
+    return functools.partial(init, init_key), abstract, shardings
+
+
+def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               latent_shape: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and shardings of a global batch (for ahead-of-time compilation)."""
+    s = sharding_lib.batch_sharding(mesh)
+    n = int(config.global_batch_size)
+    return {"latent": jax.ShapeDtypeStruct((n, *latent_shape), jnp.float32, sharding=s),
+            "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=s)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput.
+
+
+def peak_flops_per_chip(device_kind: str, default: float) -> float:
+    for name, flops in PEAK_BF16_FLOPS:
+        if name.lower() in device_kind.lower():
+            return flops
+    return float(default)
+
+
+def model_flops_utilization(images_per_sec: float, flops_per_image: float,
+                            peak_per_chip: float, num_chips: int) -> float:
+    """Training FLOPs (3x forward: forward + backward) per second over the chips' peak."""
+    return images_per_sec * 3.0 * flops_per_image / (peak_per_chip * num_chips)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Clear errors for settings that would otherwise fail deep inside the loop."""
+    for field in ("global_batch_size", "num_train_steps", "log_every_steps",
+                  "checkpoint_every_steps", "keep_checkpoints"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
+    if config.sample_every_steps < 0:
+        raise ValueError(f"config.sample_every_steps must be >= 0, got {config.sample_every_steps}")
+    if not 0.0 <= config.ema_decay <= 1.0:
+        raise ValueError(f"config.ema_decay must lie in [0, 1], got {config.ema_decay}")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str):
+    """(data dir, manifest); builds the built-in digits dataset under the workdir if asked."""
+    from dico_jax.data import records
+
+    if config.data.dir:
+        return config.data.dir, records.read_manifest(config.data.dir)
+    if config.data.builtin == "digits":
+        from dico_jax.data import digits
+
+        data_dir = digits.default_digits_dir(workdir)
+        if jax.process_index() == 0:
+            digits.build_digits_dataset(data_dir)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("digits dataset written")
+        return data_dir, records.read_manifest(data_dir)
+    raise ValueError(
+        "config.data.dir is empty: set --config.data.dir to a latent dataset (manifest.json and "
+        "ArrayRecord shards from dico_jax.data), or --config.data.builtin=digits")
+
+
+def check_data_matches_config(config: ml_collections.ConfigDict, manifest: Any,
+                              data_dir: str) -> None:
+    h, w, c = manifest.latent_shape
+    downsample = 1 if manifest.vae in ("", "none") else 8
+    if h * downsample != config.resolution or w * downsample != config.resolution:
+        raise ValueError(
+            f"config.resolution={config.resolution} needs {config.resolution // downsample}^2 "
+            f"latents, but {data_dir} holds {h}x{w}x{c} (vae {manifest.vae!r})")
+    for field, expected in (("in_channels", c), ("num_classes", manifest.num_classes)):
+        value = config.model.get(field)
+        if value is not None and value != expected:
+            raise ValueError(f"config.model.{field}={value} but the data in {data_dir} has {expected}")
+
+
+def resolve_config(config: ml_collections.ConfigDict, manifest: Any) -> ml_collections.ConfigDict:
+    """A copy with the model fields taken from the data filled in (saved with the run)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    c = manifest.latent_shape[-1]
+    if config.model.in_channels is None:
+        config.model.in_channels = c
+    if config.model.out_channels is None:
+        config.model.out_channels = 2 * c if config.diffusion.learn_sigma else c
+    if config.model.num_classes is None:
+        config.model.num_classes = manifest.num_classes
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption.
+
+
+class PreemptionWatch:
+    """SIGTERM sets a flag that the loop reads each step (single process).
+
+    With several processes the flag must agree across them: JAX's preemption sync point
+    (set up by `jax.distributed.initialize`) gives every process the same answer.
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+        self._multi = jax.process_count() > 1
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        del signum, frame
+        self._flag.set()
+
+    def reached(self, step: int, checkpointer: Any) -> bool:
+        if self._multi:
+            return checkpointer.manager.reached_preemption(step)
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _StepLog:
+    """Host side of the per-step metrics: finiteness check, interval means, the loss log.
+
+    Metrics are read one step late so the host never waits on the step it just dispatched.
+    """
+
+    def __init__(self, losses_path: str | None):
+        self.pending: list[tuple[int, Metrics]] = []
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.last: dict[str, float] = {}
+        self.losses_file = None
+        if losses_path:
+            self.losses_file = open(losses_path, "a+")
+            self.losses_file.seek(0, os.SEEK_END)
+            if self.losses_file.tell():
+                # A run killed mid-line leaves a partial record; start on a fresh line.
+                self.losses_file.seek(self.losses_file.tell() - 1)
+                if self.losses_file.read(1) != "\n":
+                    self.losses_file.write("\n")
+
+    def add(self, step: int, metrics: Metrics) -> None:
+        self.pending.append((step, metrics))
+
+    def drain(self, keep_last: bool = False) -> None:
+        """Reads the pending metrics (all, or all but the newest); raises on a bad step."""
+        ready = self.pending[:-1] if keep_last else self.pending
+        self.pending = self.pending[len(ready):]
+        for step, metrics in ready:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+                raise NonFiniteLossError(
+                    f"non-finite training loss at step {step}: loss={values['loss']}, "
+                    f"grad_norm={values['grad_norm']}; training stopped")
+            for k, v in values.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.count += 1
+            self.last = values
+            if self.losses_file is not None:
+                self.losses_file.write(json.dumps({"step": step, **values}) + "\n")
+                self.losses_file.flush()
+
+    def interval_means(self) -> dict[str, float]:
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        means["lr"] = self.last.get("lr", 0.0)
+        self.sums, self.count = {}, 0
+        return means
+
+    def close(self) -> None:
+        if self.losses_file is not None:
+            self.losses_file.close()
+
+
+def write_run_config(config: ml_collections.ConfigDict, workdir: str, extra: Mapping[str, Any]) -> None:
+    """`config.json` in the workdir: the resolved config plus facts about the model."""
+    record = json.loads(config.to_json_best_effort())
+    record.update(extra)
+    path = epath.Path(workdir) / "config.json"
+    tmp = epath.Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def write_sample_grid(sampler, grid_shape, params, config, workdir: str, step: int) -> str:
+    from dico_jax import sampling_grid
+
+    key = jax.random.fold_in(jax.random.key(config.seed), 0x5A3F1E)  # fixed noise across grids
+    images = np.asarray(jax.device_get(sampler(params, key)))
+    grid = sampling_grid.image_grid(sampling_grid.to_uint8(images), rows=grid_shape[0])
+    path = os.path.join(workdir, "samples.png")
+    if jax.process_index() == 0:
+        sampling_grid.write_png(grid, path)
+        sampling_grid.write_png(grid, os.path.join(workdir, f"samples_{step:08d}.png"))
+    return path
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains to `config.num_train_steps`, resuming from the latest checkpoint in `workdir`.
+
+    Returns the final state. Stops early, after saving, when SIGTERM arrives; raises
+    `NonFiniteLossError` (without saving) at the first step whose loss or gradient is not finite.
+    """
+    from clu import metric_writers, parameter_overview, periodic_actions
+
+    from dico_jax import checkpoint as ckpt_lib
+    from dico_jax.data import pipeline
+
+    validate_config(config)
+    workdir = ckpt_lib.resolve_workdir(workdir)  # local path or gs://...
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    is_chief = jax.process_index() == 0
+
+    data_dir, manifest = prepare_data(config, workdir)
+    check_data_matches_config(config, manifest, data_dir)
+    config = resolve_config(config, manifest)
+    latent_shape = tuple(manifest.latent_shape)
+
+    mesh = sharding_lib.create_mesh(config.mesh)
+    model = build_model(config)
+    diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
+                                 learn_sigma=config.diffusion.learn_sigma,
+                                 diffusion_steps=config.diffusion.steps)
+    tx, lr_schedule = make_optimizer(config)
+    init, abstract_state, shardings = init_state(config, model, tx, mesh, latent_shape)
+
+    flops_per_image = forward_flops_per_image(model, *latent_shape)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    if is_chief:
+        write_run_config(config, workdir, {
+            "forward_flops_per_image": flops_per_image, "num_params": num_params,
+            "latent_shape": list(latent_shape), "data_dir": os.path.abspath(data_dir)})
+    logging.info("mesh %s on %d devices (%s); %s: %d parameters, %.3g forward FLOPs per image",
+                 dict(mesh.shape), mesh.size, jax.devices()[0].device_kind, config.model.name,
+                 num_params, flops_per_image)
+
+    data_iterator = pipeline.create_train_iterator(
+        data_dir, global_batch_size=config.global_batch_size, seed=config.seed,
+        random_flip=config.data.random_flip, worker_count=config.data.worker_count)
+    checkpointer = ckpt_lib.TrainCheckpointer(
+        ckpt_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = init()
+    else:
+        target = sharding_lib.with_shardings(abstract_state.to_dict(), shardings.to_dict())
+        restored, _ = checkpointer.restore(latest, target, data_iterator)
+        state = TrainState(**restored)
+        logging.info("resumed from the checkpoint of step %d", latest)
+    start_step = int(jax.device_get(state.step))
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    parameter_overview.log_parameter_overview(state.params, msg=f"{config.model.name} parameters")
+
+    t0 = time.perf_counter()
+    step_fn = make_train_step(config, model, diffusion, tx, lr_schedule, shardings, mesh).lower(
+        state, batch_spec(config, mesh, latent_shape)).compile()
+    compile_secs = time.perf_counter() - t0
+    logging.info("train step compiled in %.1f s", compile_secs)
+
+    sampler = grid_shape = None
+    pixel_space = manifest.vae in ("", "none")
+    if pixel_space and (config.sample_every_steps or config.sample_at_end):
+        from dico_jax import sampling_grid
+
+        sampler, grid_shape = sampling_grid.make_grid_sampler(model, config, latent_shape, mesh)
+    elif config.sample_every_steps or config.sample_at_end:
+        logging.info("no sample grids: the data are %s latents and grids are drawn for "
+                     "pixel-space data only", manifest.vae)
+
+    peak = peak_flops_per_chip(jax.devices()[0].device_kind, config.peak_flops)
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=config.num_train_steps, writer=writer,
+        every_steps=config.log_every_steps)
+    step_log = _StepLog(os.path.join(workdir, "losses.jsonl")
+                        if config.debug_log_losses and is_chief else None)
+    preemption = PreemptionWatch()
+
+    if start_step == 0:
+        writer.write_scalars(0, {"perf/compile_secs": compile_secs})
+    step = start_step
+    interval_start, interval_step = time.perf_counter(), start_step
+    try:
+        while step < config.num_train_steps:
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = pipeline.make_global_batch(next(data_iterator), mesh)
+                state, metrics = step_fn(state, batch)
+            step += 1
+            step_log.add(step, metrics)
+            step_log.drain(keep_last=True)
+            report_progress(step)
+            last = step == config.num_train_steps
+
+            if step % config.log_every_steps == 0 or last:
+                step_log.drain()
+                elapsed = time.perf_counter() - interval_start
+                steps_per_sec = (step - interval_step) / elapsed
+                images_per_sec = steps_per_sec * config.global_batch_size
+                scalars = {f"train/{k}": v for k, v in step_log.interval_means().items()}
+                scalars.update({
+                    "perf/steps_per_sec": steps_per_sec,
+                    "perf/images_per_sec": images_per_sec,
+                    "perf/mfu": model_flops_utilization(images_per_sec, flops_per_image, peak,
+                                                        jax.device_count()),
+                })
+                writer.write_scalars(step, scalars)
+                interval_start, interval_step = time.perf_counter(), step
+
+            preempted = preemption.reached(step, checkpointer)
+            if step % config.checkpoint_every_steps == 0 or last or preempted:
+                step_log.drain()  # never save a state past a non-finite step
+                checkpointer.save(step, state.to_dict(), data_iterator, config.to_dict())
+
+            if sampler is not None and config.sample_every_steps and (
+                    step % config.sample_every_steps == 0):
+                write_sample_grid(sampler, grid_shape, state.ema_params, config, workdir, step)
+
+            if preempted:
+                logging.warning("preempted: saved step %d, stopping", step)
+                break
+        else:
+            if sampler is not None and config.sample_at_end:
+                path = write_sample_grid(sampler, grid_shape, state.ema_params, config, workdir,
+                                         step)
+                logging.info("wrote %s", path)
+        step_log.drain()
+    finally:
+        preemption.close()
+        step_log.close()
+        # An earlier save may still be in flight; let it finish so that checkpoint is whole.
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        writer.flush()
+    return state

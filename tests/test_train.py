@@ -1,0 +1,296 @@
+"""Training: sharded step, exact resumption, restoring onto other meshes, NaN stop, SIGTERM.
+
+Everything runs a tiny DiCo (width 16, one block per level) on the 8x8 digits, on the
+8 fake CPU devices of conftest.py.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dico_jax import checkpoint as ckpt_lib
+from dico_jax import sharding as sharding_lib
+from dico_jax import train
+from dico_jax.data import digits, pipeline, records
+from dico_jax.diffusion import create_diffusion
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import digits as digits_config  # noqa: E402
+
+NUM_STEPS = 24
+TINY = {  # command-line form of the tiny config, shared by in-process and subprocess runs
+    "model.hidden_size": 16,
+    "global_batch_size": 16,
+    "num_train_steps": NUM_STEPS,
+    "log_every_steps": 4,
+    "checkpoint_every_steps": 4,
+    "keep_checkpoints": 10,
+    "mesh.data": 4,
+    "mesh.fsdp": 2,
+    "fsdp_min_size": 256,
+    "sample_at_end": False,
+    "debug_log_losses": True,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module and its subprocesses.
+
+    The runs below compile the same tiny train step many times (each run, each subprocess);
+    with the cache XLA compiles it once. Reset afterwards so other modules are unaffected.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    saved = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cc.reset_cache()
+    cc.set_cache_dir(path)
+    yield {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("digits"))
+    digits.build_digits_dataset(path)
+    return path
+
+
+def tiny_config(data_dir, **overrides):
+    config = digits_config.get_config()
+    for key, value in {**TINY, "data.dir": data_dir, **overrides}.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def read_losses(workdir):
+    """step -> list of logged losses (a resumed run logs some steps twice)."""
+    out = {}
+    with open(os.path.join(workdir, "losses.jsonl")) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            out.setdefault(record["step"], []).append(record["loss"])
+    return out
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def assert_trees_equal(a, b):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def straight_run(digits_dir, tmp_path_factory):
+    """An uninterrupted run: the reference for every resumption test."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    state = train.train_and_evaluate(tiny_config(digits_dir), workdir)
+    return workdir, host(state.to_dict()), read_losses(workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sharded_step_matches_one_device(digits_dir):
+    config = tiny_config(digits_dir)
+    manifest = records.read_manifest(digits_dir)
+    config = train.resolve_config(config, manifest)
+    model = train.build_model(config)
+    diffusion = create_diffusion("")
+    tx, schedule = train.make_optimizer(config)
+    shape = tuple(manifest.latent_shape)
+    rng = np.random.default_rng(0)
+    batch = {"latent": rng.standard_normal((16, *shape)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}
+
+    mesh8 = sharding_lib.create_mesh({"data": 4, "fsdp": 2})
+    init, _, _ = train.init_state(config, model, tx, mesh8, shape)
+    initial = host(init())
+    results = []
+    for mesh in (sharding_lib.create_mesh({"data": 1}, jax.devices()[:1]), mesh8):
+        _, _, shardings = train.init_state(config, model, tx, mesh, shape)
+        state = jax.device_put(initial, shardings)
+        step = train.make_train_step(config, model, diffusion, tx, schedule, shardings, mesh)
+        losses = []
+        for _ in range(2):
+            state, metrics = step(state, pipeline.make_global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+        results.append((losses, host(state.params), state.params))
+
+    (losses1, params1, _), (losses8, params8, sharded) = results
+    # The FSDP rule did split some parameters across the 2-way fsdp axis.
+    specs = [x.sharding.spec for x in jax.tree.leaves(sharded)]
+    assert any("fsdp" in s for s in specs) and any(s == jax.sharding.PartitionSpec() for s in specs)
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+    assert losses1[0] != losses1[1]
+    for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_param_partition_rule():
+    spec = sharding_lib.param_partition_spec
+    assert spec((9, 416, 832), 4, 1024) == jax.sharding.PartitionSpec(None, None, "fsdp")
+    assert spec((832, 7), 4, 1024) == jax.sharding.PartitionSpec("fsdp", None)
+    assert spec((832,), 4, 10_000) == jax.sharding.PartitionSpec()  # small: replicated
+    assert spec((7, 9), 2, 1) == jax.sharding.PartitionSpec()  # indivisible: replicated
+    assert spec((64, 64), 1, 1) == jax.sharding.PartitionSpec()  # no fsdp axis
+    assert sharding_lib.resolve_axis_sizes({"data": -1, "fsdp": 2}, 8) == {"data": 4, "fsdp": 2}
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        sharding_lib.resolve_axis_sizes({"data": 3, "fsdp": 2}, 8)
+
+
+def test_resume_is_bitwise_exact(digits_dir, straight_run, tmp_path):
+    ref_dir, ref_state, ref_losses = straight_run
+    assert sorted(ref_losses) == list(range(1, NUM_STEPS + 1))
+    workdir = str(tmp_path)
+    # Stop off the checkpoint interval (the final save), then resume with the full length.
+    train.train_and_evaluate(tiny_config(digits_dir, num_train_steps=10), workdir)
+    assert ckpt_lib.saved_steps(ckpt_lib.checkpoint_dir(workdir)) == [4, 8, 10]
+    state = train.train_and_evaluate(tiny_config(digits_dir), workdir)
+    losses = read_losses(workdir)
+    assert losses == ref_losses  # every step logged once, each loss equal to the bit
+    assert_trees_equal(host(state.to_dict()), ref_state)
+
+
+def test_restore_onto_smaller_mesh_and_one_cpu(digits_dir, straight_run):
+    ref_dir, ref_state, ref_losses = straight_run
+    config = train.resolve_config(tiny_config(digits_dir), records.read_manifest(digits_dir))
+    model = train.build_model(config)
+    tx, schedule = train.make_optimizer(config)
+    directory = ckpt_lib.checkpoint_dir(ref_dir)
+
+    # 8 devices (data 4 x fsdp 2) -> 4 devices (data 2 x fsdp 2), then one more step there.
+    mesh4 = sharding_lib.create_mesh({"data": 2, "fsdp": 2}, jax.devices()[:4])
+    _, abstract, shardings = train.init_state(config, model, tx, mesh4, (8, 8, 1))
+    target = sharding_lib.with_shardings(abstract.to_dict(), shardings.to_dict())
+    checkpointer = ckpt_lib.TrainCheckpointer(directory, keep=10)
+    iterator = pipeline.create_train_iterator(digits_dir, global_batch_size=16, seed=config.seed,
+                                              random_flip=False)
+    restored, iterator = checkpointer.restore(NUM_STEPS - 4, target, iterator)
+    checkpointer.close()
+    devices = {d for x in jax.tree.leaves(restored["params"]) for d in x.sharding.device_set}
+    assert devices == set(jax.devices()[:4])
+    step = train.make_train_step(config, model, create_diffusion(""), tx, schedule,
+                                 train.TrainState(**shardings.to_dict()), mesh4)
+    state, metrics = step(train.TrainState(**restored),
+                          pipeline.make_global_batch(next(iterator), mesh4))
+    assert int(state.step) == NUM_STEPS - 3
+    np.testing.assert_allclose(float(metrics["loss"]), ref_losses[NUM_STEPS - 3][0], rtol=1e-5)
+
+    # -> one CPU, numpy, without the optimizer state.
+    on_host, step_restored = ckpt_lib.restore_to_host(directory)
+    assert step_restored == NUM_STEPS and set(on_host) == {"step", "params", "ema_params"}
+    assert_trees_equal(on_host["params"], ref_state["params"])
+    assert_trees_equal(on_host["ema_params"], ref_state["ema_params"])
+    assert ckpt_lib.read_config(directory)["model"]["name"] == "DiCo-S"
+
+
+def test_nan_batch_stops_and_keeps_last_checkpoint(digits_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    good = train.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4), workdir)
+    # Same record count and labels as the digits, every pixel NaN.
+    images, labels = digits.digits_arrays()
+    views = np.full((len(images), 2, 1, 8, 8, 1), np.nan, np.float32)
+    bad_dir = str(tmp_path / "nan_digits")
+    records.write_dataset(bad_dir, views, labels, num_classes=10, storage="sample",
+                          scale_factor=1.0, vae="none", image_size=8, shard_size=1024)
+
+    with pytest.raises(train.NonFiniteLossError, match="step 5"):
+        train.train_and_evaluate(tiny_config(bad_dir, num_train_steps=8), workdir)
+    directory = ckpt_lib.checkpoint_dir(workdir)
+    assert ckpt_lib.saved_steps(directory) == [4]
+    on_host, step = ckpt_lib.restore_to_host(directory)
+    assert step == 4
+    assert_trees_equal(on_host["params"], host(good.params))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, in subprocesses.
+
+
+def main_command(workdir, data_dir, **overrides):
+    flags = {**TINY, "data.dir": data_dir, **overrides}
+    return [sys.executable, "-m", "dico_jax.main", f"--config={ROOT}/configs/digits.py",
+            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def wait_for(predicate, proc, log_path, timeout=240):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            tail = open(log_path, "rb").read()[-3000:].decode(errors="replace")
+            raise AssertionError(f"training exited early with code {proc.returncode}:\n{tail}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for training progress")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_matches_uninterrupted_run(digits_dir, straight_run, tmp_path,
+                                                         compilation_cache):
+    _, ref_state, ref_losses = straight_run
+    workdir = str(tmp_path / "run")
+    cmd = main_command(workdir, digits_dir)
+    env = {**os.environ, **compilation_cache}
+    log_path = tmp_path / "killed.txt"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
+        first_checkpoint = os.path.join(ckpt_lib.checkpoint_dir(workdir), "4")
+        wait_for(lambda: os.path.isdir(first_checkpoint), proc, log_path)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = max(read_losses(workdir))
+    assert killed_at < NUM_STEPS, "the run finished before it could be killed"
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from the checkpoint of step" in done.stderr
+    losses = read_losses(workdir)
+    assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+    for step, values in losses.items():  # steps logged before the kill and again after it
+        assert values == ref_losses[step] * len(values), step
+    on_host, _ = ckpt_lib.restore_to_host(ckpt_lib.checkpoint_dir(workdir))
+    assert_trees_equal(on_host["params"], ref_state["params"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_current_step(digits_dir, tmp_path, compilation_cache):
+    workdir = str(tmp_path / "run")
+    log_path = tmp_path / "stderr.txt"
+    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall training
+        proc = subprocess.Popen(
+            main_command(workdir, digits_dir, num_train_steps=100_000,
+                         checkpoint_every_steps=100_000),
+            cwd=ROOT, env={**os.environ, **compilation_cache}, stdout=log, stderr=log)
+        losses_path = os.path.join(workdir, "losses.jsonl")
+        wait_for(lambda: os.path.exists(losses_path) and len(read_losses(workdir)) >= 3, proc,
+                 log_path)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    stderr = log_path.read_bytes()
+    assert proc.returncode == 0, stderr[-3000:]
+    last_logged = max(read_losses(workdir))
+    steps = ckpt_lib.saved_steps(ckpt_lib.checkpoint_dir(workdir))
+    assert steps == [last_logged] and 3 <= last_logged < 100_000
+    assert b"preempted" in stderr
