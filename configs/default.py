@@ -86,5 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Write every step's loss to `losses.jsonl` in the workdir (for resumption checks).
     config.debug_log_losses = False
+    # Fine-tuning: a checkpoint directory (a training workdir, or one written by
+    # `python -m dico_jax.convert from-torch`) whose params and EMA start a fresh run (step 0,
+    # fresh optimizer). Ignored when the workdir already has a checkpoint to resume from.
+    config.init_from = ""
 
     return config

@@ -116,6 +116,29 @@ def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh, min_siz
     return sharding_lib.param_shardings(abstract_state, mesh, min_size)
 
 
+def load_initial_weights(state: TrainState, directory: str, shardings: TrainState) -> TrainState:
+    """`state` with params and EMA taken from the checkpoint in `directory` (latest step).
+
+    The optimizer state and step stay those of `state` (a fresh run). Shapes must match.
+    """
+    from dico_jax import checkpoint as ckpt_lib
+    from dico_jax.convert.checkpoints import resolve_checkpoint_path
+
+    ckpt_dir, step = resolve_checkpoint_path(directory)
+    weights, step = ckpt_lib.restore_to_host(ckpt_dir, step, items=("params", "ema_params"))
+    for name in ("params", "ema_params"):
+        want = {jax.tree_util.keystr(p): tuple(x.shape)
+                for p, x in jax.tree_util.tree_leaves_with_path(getattr(state, name))}
+        have = {jax.tree_util.keystr(p): tuple(np.shape(x))
+                for p, x in jax.tree_util.tree_leaves_with_path(weights[name])}
+        if want != have:
+            bad = sorted(set(want.items()) ^ set(have.items()))[:10]
+            raise ValueError(f"init_from {directory} (step {step}): {name} do not match this "
+                             f"config's model; differing (path, shape) entries: {bad}")
+    return state.replace(params=jax.device_put(weights["params"], shardings.params),
+                         ema_params=jax.device_put(weights["ema_params"], shardings.ema_params))
+
+
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(init key, base key of the steps); step s draws from fold_in(base key, s)."""
     init_key, step_key = jax.random.split(jax.random.key(seed))
@@ -445,6 +468,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     latest = checkpointer.latest_step()
     if latest is None:
         state = init()
+        if config.init_from:
+            state = load_initial_weights(state, config.init_from, shardings)
+            logging.info("starting from the weights of %s", config.init_from)
     else:
         target = sharding_lib.with_shardings(abstract_state.to_dict(), shardings.to_dict())
         restored, _ = checkpointer.restore(latest, target, data_iterator)

@@ -168,3 +168,32 @@ def test_missing_ema_and_occupied_output(official_file, imported, tmp_path):
 
     with pytest.raises(FileExistsError, match=r"already holds checkpoints of steps \[1234\]"):
         checkpoints.import_torch_checkpoint(official_file[0], imported[0], "DiCo-S", OVERRIDES)
+
+
+def test_converted_checkpoint_initializes_a_fine_tuning_run(imported, official_file):
+    """`config.init_from` takes params and EMA from a from-torch directory; shapes are checked."""
+    import jax
+    import optax
+
+    from dico_jax import sharding
+    from dico_jax.convert import torch_to_flax
+    from dico_jax.models import abstract_params, get_model
+    from dico_jax.train import TrainState, load_initial_weights
+
+    model = get_model("DiCo-S", in_channels=4, num_classes=10, **OVERRIDES)
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(model, 8, 8))
+    fresh = TrainState(step=np.zeros((), np.int32), params=zeros, ema_params=zeros,
+                       opt_state=optax.adamw(1e-4).init(zeros))
+    mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), fresh)
+    state = load_initial_weights(fresh, imported[0], shardings)
+    expected = torch_to_flax(official_file[2], "DiCo-S", in_channels=4, num_classes=10, **OVERRIDES)
+    np.testing.assert_array_equal(state.ema_params["latent"]["conv2"]["kernel"],
+                                  expected["latent"]["conv2"]["kernel"])
+    assert int(state.step) == 0
+
+    other = get_model("DiCo-S", in_channels=4, num_classes=10, hidden_size=16, depths=(1, 1, 1, 1, 1))
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(other, 8, 8))
+    wrong = TrainState(step=np.zeros((), np.int32), params=zeros, ema_params=zeros, opt_state=())
+    with pytest.raises(ValueError, match="do not match this config's model"):
+        load_initial_weights(wrong, imported[0], jax.tree.map(lambda _: sharding.replicated(mesh), wrong))
