@@ -133,12 +133,12 @@ class MidBlock(nn.Module):
         return ResnetBlock(channels, name="resnets_1", **kw)(x)
 
 
-class DownEncoderBlock(nn.Module):
-    """Resnets at one resolution, then an optional 2x downsample."""
+class ResnetStage(nn.Module):
+    """Resnets at one resolution, then an optional 2x resample ("down" or "up")."""
 
     out_channels: int
     num_layers: int
-    add_downsample: bool
+    resample: str | None
     norm_num_groups: int
     dtype: Dtype = jnp.float32
     precision: Any = None
@@ -148,27 +148,9 @@ class DownEncoderBlock(nn.Module):
         kw = dict(norm_num_groups=self.norm_num_groups, dtype=self.dtype, precision=self.precision)
         for j in range(self.num_layers):
             x = ResnetBlock(self.out_channels, name=f"resnets_{j}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample(self.dtype, self.precision, name="downsamplers_0")(x)
-        return x
-
-
-class UpDecoderBlock(nn.Module):
-    """Resnets at one resolution, then an optional 2x upsample."""
-
-    out_channels: int
-    num_layers: int
-    add_upsample: bool
-    norm_num_groups: int
-    dtype: Dtype = jnp.float32
-    precision: Any = None
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(norm_num_groups=self.norm_num_groups, dtype=self.dtype, precision=self.precision)
-        for j in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, name=f"resnets_{j}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample(self.dtype, self.precision, name="upsamplers_0")(x)
         return x
 
@@ -189,7 +171,8 @@ class Encoder(nn.Module):
         x = _conv(self.block_out_channels[0], 3, "conv_in", self.dtype, self.precision)(x)
         for i, channels in enumerate(self.block_out_channels):
             last = i == len(self.block_out_channels) - 1
-            x = DownEncoderBlock(channels, self.layers_per_block, not last, name=f"down_blocks_{i}", **kw)(x)
+            x = ResnetStage(channels, self.layers_per_block, None if last else "down",
+                            name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock(name="mid_block", **kw)(x)
         x = _group_norm(x, self.norm_num_groups, "conv_norm_out", self.dtype)
         return _conv(2 * self.latent_channels, 3, "conv_out", self.dtype, self.precision)(nn.silu(x))
@@ -214,7 +197,8 @@ class Decoder(nn.Module):
         for i, channels in enumerate(widths):
             last = i == len(widths) - 1
             # The decoder has one more resnet per block than the encoder.
-            x = UpDecoderBlock(channels, self.layers_per_block + 1, not last, name=f"up_blocks_{i}", **kw)(x)
+            x = ResnetStage(channels, self.layers_per_block + 1, None if last else "up",
+                            name=f"up_blocks_{i}", **kw)(x)
         x = _group_norm(x, self.norm_num_groups, "conv_norm_out", self.dtype)
         return _conv(self.out_channels, 3, "conv_out", self.dtype, self.precision)(nn.silu(x))
 
