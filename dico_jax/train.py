@@ -140,9 +140,14 @@ def load_initial_weights(state: TrainState, directory: str, shardings: TrainStat
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """(init key, base key of the steps); step s draws from fold_in(base key, s)."""
-    init_key, step_key = jax.random.split(jax.random.key(seed))
-    return init_key, step_key
+    """(init key, base key of the steps); step s draws from fold_in(base key, s).
+
+    Parameters are drawn with the "rbg" generator: about fifty threefry draws dominate the
+    compile time of `init` (12 s vs 5 s for DiCo-XL on CPU). rbg values are identical across
+    shardings but not across CPU/GPU/TPU; the steps keep threefry, identical everywhere.
+    """
+    _, step_key = jax.random.split(jax.random.key(seed))
+    return jax.random.key(seed, impl="rbg"), step_key
 
 
 # ---------------------------------------------------------------------------------------------

@@ -180,3 +180,21 @@ def test_forward_flops_dico_s_matches_paper():
 def test_forward_flops_match_paper(name, gmacs):
     flops = forward_flops_per_image(get_model(name), 32, 32)
     assert abs(flops / (2 * gmacs * 1e9) - 1) < 0.05, flops
+
+
+def test_rbg_init_is_identical_across_shardings():
+    """The trainer draws parameters with the rbg generator (cheap to compile); a sharded init
+    must give the same values as an unsharded one."""
+    from dico_jax import sharding
+    from dico_jax.train import seed_keys
+
+    model = get_model("DiCo-S", **TINY)
+    x, t, y = _inputs(n=1)
+    init = lambda k: model.init({"params": k}, x, t, y)["params"]  # noqa: E731
+    key, _ = seed_keys(0)
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 4})
+    shardings = sharding.param_shardings(jax.eval_shape(init, key), mesh, 64)
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree_util.tree_leaves(shardings))
+    sharded = jax.jit(init, out_shardings=shardings)(key)
+    for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(jax.jit(init)(key))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
