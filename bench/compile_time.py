@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from dico_jax.models import abstract_params, get_model
+# Run as `python bench/<name>.py` from anywhere: the repository root holds dico_jax.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from dico_jax.models import abstract_params, get_model  # noqa: E402
 
 
 def compile_seconds(fn, *args) -> float:

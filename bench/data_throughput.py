@@ -10,11 +10,17 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 from absl import flags
+
+# Run as `python bench/<name>.py` from anywhere: the repository root holds dico_jax.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 
 def build_synthetic(out_dir: str, count: int, shape: tuple[int, int, int], storage: str, shard_size: int) -> None:
