@@ -26,7 +26,7 @@ from etils import epath
 
 from dico_jax import sharding as sharding_lib
 from dico_jax.diffusion import GaussianDiffusion, create_diffusion
-from dico_jax.models import forward_flops_per_image, get_model
+from dico_jax.models import count_params, forward_flops_per_image, get_model
 
 Metrics = dict[str, jax.Array]
 
@@ -456,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     init, abstract_state, shardings = init_state(config, model, tx, mesh, latent_shape)
 
     flops_per_image = forward_flops_per_image(model, *latent_shape)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    num_params = count_params(abstract_state.params)
     if is_chief:
         write_run_config(config, workdir, {
             "forward_flops_per_image": flops_per_image, "num_params": num_params,

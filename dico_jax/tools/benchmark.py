@@ -29,14 +29,7 @@ import optax
 
 from dico_jax.diffusion import create_diffusion, guided_model_fn
 from dico_jax.models import forward_flops_per_image, get_model
-from dico_jax.train import PEAK_BF16_FLOPS, create_train_state, train_step
-
-
-def peak_flops(device_kind: str, cpu_peak: float) -> float:
-    for name, flops in PEAK_BF16_FLOPS:
-        if name.lower() in device_kind.lower():
-            return flops
-    return cpu_peak
+from dico_jax.train import create_train_state, peak_flops_per_chip, train_step
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -110,7 +103,7 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
         "impl": "jax", "model": name, "dtype": dtype, "batch": batch, "res": res, "remat": remat,
         "depthwise": model._depthwise_impl(),
         "compile_s": compile_s, "train_img_s": train_ips, "train_tflops": tflops,
-        "mfu": tflops * 1e12 / peak_flops(device.device_kind, cpu_peak),
+        "mfu": tflops * 1e12 / peak_flops_per_chip(device.device_kind, cpu_peak),
         "fwd_img_s": fwd_batch / fwd_s,
         # Images per second of a full 250-step guided run, from `sample_steps` timed steps.
         "sample250_img_s": sample_batch / (sample_s * 250 / sample_steps),
