@@ -118,6 +118,30 @@ def test_pixel_shuffle_matches_torch():
                                   ref_up.permute(0, 2, 3, 1).numpy())
 
 
+def _layer_norm_by_autodiff(x, shift, scale):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    y = (xf - mean) / jnp.sqrt(((xf - mean) ** 2).mean(-1, keepdims=True) + L.LN_EPS)
+    return (y * (1 + scale[:, None, None]) + shift[:, None, None]).astype(x.dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+def test_modulated_layer_norm_gradient_matches_autodiff(dtype, tol):
+    kx, ks, kc, kg = jax.random.split(jax.random.key(3), 4)
+    x = (3.0 * jax.random.normal(kx, (2, 4, 5, 48)) + 1.5).astype(dtype)
+    shift, scale = 0.3 * jax.random.normal(ks, (2, 48)), 0.3 * jax.random.normal(kc, (2, 48))
+    dy = jax.random.normal(kg, x.shape).astype(dtype)
+    ours = jax.vjp(L.modulated_layer_norm, x, shift, scale)
+    ref = jax.vjp(_layer_norm_by_autodiff, x, shift, scale)
+    np.testing.assert_allclose(np.asarray(ours[0], np.float32), np.asarray(ref[0], np.float32),
+                               rtol=tol, atol=tol)
+    for got, want, name in zip(ours[1](dy), ref[1](dy), ("x", "shift", "scale")):
+        assert got.dtype == want.dtype, name
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err < tol, f"d{name}: relative error {err:.2e}"
+
+
 def test_timestep_embedding_formula():
     t = jnp.array([0.0, 1.0, 999.0])
     emb = np.asarray(L.timestep_embedding(t, 256))

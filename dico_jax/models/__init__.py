@@ -83,7 +83,8 @@ def forward_flops_per_image(model: DiCo, height: int = 32, width: int = 32,
     """Forward FLOPs of one image from XLA's cost analysis (2 per MAC plus element-wise work).
 
     XLA's cost analysis counts a loop body once, so the blocks are unrolled here
-    (`scan=False`) for an exact count; only the forward pass is compiled.
+    (`scan=False`) for an exact count. The count is taken on the program lowered for the CPU
+    (unoptimized), so nothing is compiled and the figure is the same on every backend.
     """
     channels = channels or model.in_channels
     return _forward_flops(model.clone(scan=False, remat="none"), height, width, channels)
@@ -94,8 +95,12 @@ def _forward_flops(model: DiCo, height: int, width: int, channels: int) -> float
     params = abstract_params(model, height, width)
     x = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    compiled = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, t)).lower(params, x, t).compile()
-    cost = compiled.cost_analysis()
+    # Lowered for the CPU, whose client analyses an unoptimized program (a GPU client does not).
+    with jax.default_device(jax.devices("cpu")[0]):
+        lowered = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, t)).lower(params, x, t)
+    cost = lowered.cost_analysis()
+    if not cost:
+        cost = lowered.compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost["flops"])

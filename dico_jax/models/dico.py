@@ -103,8 +103,13 @@ class BlockStack(nn.Module):
         if self.scan:
             x, _ = jax.lax.scan(lambda h, p: (block(h, p), None), x, params)
         else:
+            # One split per stacked leaf: its gradient is one concatenation, where per-layer
+            # indexing would pad every layer's gradient to the whole stack and add them up.
+            leaves, treedef = jax.tree_util.tree_flatten(params)
+            per_leaf = [[jnp.squeeze(s, 0) for s in jax.lax.split(a, (1,) * n, axis=0)]
+                        for a in leaves]
             for i in range(n):
-                x = block(x, jax.tree_util.tree_map(lambda a: a[i], params))
+                x = block(x, treedef.unflatten([layers[i] for layers in per_leaf]))
         return x
 
 

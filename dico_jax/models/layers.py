@@ -6,6 +6,7 @@ depthwise 3x3 kernel is (3, 3, C).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -15,6 +16,17 @@ from jax import lax
 
 Array = jax.Array
 LN_EPS = 1e-6
+
+
+def _scoped(fn: Callable) -> Callable:
+    """Runs `fn` under a named scope, so profiles and HLO metadata name the op it came from."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.named_scope(fn.__name__):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 # --------------------------------------------------------------------------- init
@@ -86,6 +98,7 @@ def conv3x3(x: Array, kernel: Array, bias: Array | None = None, dtype: Any = Non
     return y
 
 
+@_scoped
 def depthwise3x3(x: Array, kernel: Array, bias: Array, impl: str = "conv") -> Array:
     """Depthwise 3x3 convolution (groups = channels), padding 1; kernel (3, 3, C).
 
@@ -98,27 +111,89 @@ def depthwise3x3(x: Array, kernel: Array, bias: Array, impl: str = "conv") -> Ar
             x, kernel[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
     elif impl == "shift":
-        h, w = x.shape[1], x.shape[2]
-        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        y = sum(xp[:, a:a + h, b:b + w, :] * kernel[a, b] for a in range(3) for b in range(3))
+        y = _depthwise_shift(x, kernel)
     else:
         raise ValueError(f"depthwise impl must be 'conv' or 'shift', got {impl!r}")
     return y + bias.astype(x.dtype)
 
 
+def _shifted_sum(x: Array, kernel: Array) -> Array:
+    """sum over taps (a, b) of pad(x)[a:a+H, b:b+W] * kernel[a, b]: one fused loop on XLA."""
+    h, w = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(xp[:, a:a + h, b:b + w, :] * kernel[a, b] for a in range(3) for b in range(3))
+
+
+@jax.custom_vjp
+def _depthwise_shift(x: Array, kernel: Array) -> Array:
+    return _shifted_sum(x, kernel)
+
+
+def _depthwise_shift_fwd(x, kernel):
+    return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_shift_bwd(res, g):
+    # The input gradient is the same nine-tap sum over g with the kernel flipped, so it stays
+    # one loop; autodiff of the slices would pad and materialize nine full-size tensors.
+    x, kernel = res
+    h, w = x.shape[1], x.shape[2]
+    dx = _shifted_sum(g, kernel[::-1, ::-1])
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dk = jnp.stack([jnp.stack([jnp.sum(xp[:, a:a + h, b:b + w, :] * g, axis=(0, 1, 2))
+                               for b in range(3)]) for a in range(3)])
+    return dx, dk.astype(kernel.dtype)
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
+
+@_scoped
 def modulated_layer_norm(x: Array, shift: Array, scale: Array) -> Array:
     """LayerNorm over channels (no affine, eps 1e-6), then x (1 + scale) + shift.
 
     Statistics are taken in fp32 whatever the compute dtype; shift and scale are (N, C).
+    The gradient is written out (`_mln_bwd`) so that the backward pass keeps only x and the
+    per-pixel mean and 1/std: autodiff of the fp32 forward would keep three full-size fp32
+    tensors per call, which dominates memory traffic in bf16 training.
     """
+    return _modulated_layer_norm(x, shift, scale)
+
+
+def _ln_stats(x: Array) -> tuple[Array, Array, Array]:
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * lax.rsqrt(var + LN_EPS)
-    y = y * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
-    return y.astype(x.dtype)
+    return xf, mean, lax.rsqrt(var + LN_EPS)
 
 
+def _mln_fwd(x: Array, shift: Array, scale: Array):
+    xf, mean, rstd = _ln_stats(x)
+    y = (xf - mean) * rstd * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
+    return y.astype(x.dtype), (x, mean, rstd, scale, shift)
+
+
+def _mln_bwd(res, dy: Array):
+    x, mean, rstd, scale, shift = res
+    g = dy.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    d_shift = jnp.sum(g, axis=(1, 2))
+    d_scale = jnp.sum(g * xhat, axis=(1, 2))
+    gx = g * (1.0 + scale[:, None, None, :])
+    dx = rstd * (gx - jnp.mean(gx, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(gx * xhat, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), d_shift.astype(shift.dtype), d_scale.astype(scale.dtype)
+
+
+@jax.custom_vjp
+def _modulated_layer_norm(x: Array, shift: Array, scale: Array) -> Array:
+    return _mln_fwd(x, shift, scale)[0]
+
+
+_modulated_layer_norm.defvjp(_mln_fwd, _mln_bwd)
+
+
+@_scoped
 def gelu(x: Array) -> Array:
     """GELU in its exact erf form, as torch.nn.functional.gelu."""
     return jax.nn.gelu(x, approximate=False)
@@ -141,7 +216,19 @@ def pixel_shuffle(x: Array, r: int = 2) -> Array:
     return x.reshape(n, h * r, w * r, c)
 
 
+@_scoped
+def channel_attention(x: Array, kernel: Array, bias: Array) -> Array:
+    """Compact channel attention: x * sigmoid(Linear(mean over H, W)).
+
+    The pooled mean is taken in fp32 (a sum over H*W values) whatever the compute dtype.
+    """
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    attn = jax.nn.sigmoid(dense(pooled, kernel, bias, jnp.float32))
+    return x * attn[:, None, None, :].astype(x.dtype)
+
+
 # --------------------------------------------------------------------------- DiCo block
+@_scoped
 def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv") -> Array:
     """One DiCo block on x (N, H, W, D) conditioned on c (N, D); `p` holds one layer's params.
 
@@ -156,10 +243,7 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv") -> Arr
     h = modulated_layer_norm(x, shift1, scale1)
     h = dense(h, p["conv1"]["kernel"], p["conv1"]["bias"], dtype)
     h = gelu(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl))
-    # Compact channel attention: the pooled mean is taken in fp32 (a sum over H*W values).
-    pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-    attn = jax.nn.sigmoid(dense(pooled, p["ca"]["kernel"], p["ca"]["bias"], jnp.float32))
-    h = h * attn[:, None, None, :].astype(dtype)
+    h = channel_attention(h, p["ca"]["kernel"], p["ca"]["bias"])
     h = dense(h, p["conv3"]["kernel"], p["conv3"]["bias"], dtype)
     x = x + gate1[:, None, None, :].astype(dtype) * h
 

@@ -4,6 +4,8 @@
     python -m dico_jax.tools.benchmark --models DiCo-XL --batch 64 --fwd-batch 128 \
         --dtypes float32,bfloat16 --torch --json bench.json          # on a GPU
 
+`--profile DIR` also traces three train steps per row and prints device time by op kind
+(`dico_jax.tools.profile_summary`).
 For every (model, dtype): compile time of the full train step (loss, backward, AdamW, EMA),
 steady-state train images/s, TFLOP/s and MFU (3 x XLA's forward FLOPs per image against the
 chip's bf16 peak), forward images/s, peak device memory, and the guided ancestral sampler's
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import json
 import os
 import statistics
@@ -51,8 +54,9 @@ def peak_memory_gib() -> float | None:
 
 def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repeats: int,
               sample_steps: int, sample_batch: int, remat: str, cpu_peak: float,
-              depthwise: str = "auto") -> dict:
-    model = get_model(name, dtype=dtype, remat=remat, depthwise_impl=depthwise)
+              depthwise: str = "auto", profile_dir: str | None = None, scan: bool = True,
+              parts: tuple[str, ...] = ("train", "forward", "sample")) -> dict:
+    model = get_model(name, dtype=dtype, remat=remat, depthwise_impl=depthwise, scan=scan)
     diffusion = create_diffusion("")
     tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
     shape = (res, res, model.in_channels)
@@ -75,14 +79,46 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
         return metrics["loss"]
 
     train_s = median_seconds(run_step, repeats)
+    profile = None
+    if profile_dir:
+        profile = profile_train_step(run_step, compiled, os.path.join(
+            profile_dir, f"{name}_{dtype}_{model._depthwise_impl()}_{'scan' if scan else 'loop'}"
+                         f"_{remat}_b{batch}"))
     params = holder["state"].params
+    fwd_s = sample_s = None
+    if "forward" in parts:
+        fwd_s = _time_forward(model, params, fwd_batch, shape, rng, repeats)
+    if "sample" in parts:
+        sample_s = _time_sampler(model, params, sample_batch, sample_steps, shape, rng, repeats)
+    device = jax.devices()[0]
+    train_ips = batch / train_s
+    try:
+        tflops = train_ips * 3.0 * forward_flops_per_image(model, res, res) / 1e12
+    except Exception as e:  # report the timings even if the FLOP count fails
+        print(f"FLOP count failed: {e!r}"[:400])
+        tflops = None
+    return {
+        "impl": "jax", "model": name, "dtype": dtype, "batch": batch, "res": res, "remat": remat,
+        "scan": scan, "depthwise": model._depthwise_impl(),
+        "compile_s": compile_s, "train_img_s": train_ips, "train_tflops": tflops,
+        "mfu": None if tflops is None else tflops * 1e12 / peak_flops_per_chip(device.device_kind, cpu_peak),
+        "fwd_img_s": None if fwd_s is None else fwd_batch / fwd_s,
+        # Images per second of a full 250-step guided run, from `sample_steps` timed steps.
+        "sample250_img_s": None if sample_s is None else sample_batch / (sample_s * 250 / sample_steps),
+        "peak_mem_gib": peak_memory_gib(),
+        "profile": profile,
+    }
 
+
+def _time_forward(model, params, fwd_batch, shape, rng, repeats) -> float:
     x = jnp.asarray(rng.standard_normal((fwd_batch, *shape)), jnp.float32)
     t = jnp.asarray(rng.integers(0, 1000, fwd_batch))
     y = jnp.asarray(rng.integers(0, 1000, fwd_batch))
     fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
-    fwd_s = median_seconds(lambda: fwd(params, x, t, y), repeats)
+    return median_seconds(lambda: fwd(params, x, t, y), repeats)
 
+
+def _time_sampler(model, params, sample_batch, sample_steps, shape, rng, repeats) -> float:
     sampler = create_diffusion(str(sample_steps))
     ys = jnp.asarray(rng.integers(0, 1000, sample_batch))
 
@@ -93,26 +129,31 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
         return sampler.p_sample_loop(mf, noise, key)
 
     noise = jnp.asarray(rng.standard_normal((sample_batch, *shape)), jnp.float32)
-    sample_s = median_seconds(lambda: sample(params, noise, jax.random.key(2)), max(1, repeats // 3))
+    return median_seconds(lambda: sample(params, noise, jax.random.key(2)), max(1, repeats // 3))
 
-    flops_img = 3.0 * forward_flops_per_image(model, res, res)
-    device = jax.devices()[0]
-    train_ips = batch / train_s
-    tflops = train_ips * flops_img / 1e12
-    return {
-        "impl": "jax", "model": name, "dtype": dtype, "batch": batch, "res": res, "remat": remat,
-        "depthwise": model._depthwise_impl(),
-        "compile_s": compile_s, "train_img_s": train_ips, "train_tflops": tflops,
-        "mfu": tflops * 1e12 / peak_flops_per_chip(device.device_kind, cpu_peak),
-        "fwd_img_s": fwd_batch / fwd_s,
-        # Images per second of a full 250-step guided run, from `sample_steps` timed steps.
-        "sample250_img_s": sample_batch / (sample_s * 250 / sample_steps),
-        "peak_mem_gib": peak_memory_gib(),
-    }
+
+def profile_train_step(run_step: Callable[[], Any], compiled, out_dir: str, steps: int = 3) -> dict:
+    """Traces `steps` train steps; writes the trace and the optimized HLO; prints where time goes."""
+    from dico_jax.tools import profile_summary
+
+    os.makedirs(out_dir, exist_ok=True)
+    hlo_text = compiled.as_text()
+    with gzip.open(os.path.join(out_dir, "train_step.hlo.txt.gz"), "wt") as f:
+        f.write(hlo_text)
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            jax.block_until_ready(run_step())
+    summary = profile_summary.summarize(out_dir, hlo_text, steps)
+    print(f"profile of the train step ({out_dir}):")
+    profile_summary.print_summary(summary)
+    return summary
 
 
 def bench_torch(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repeats: int) -> dict:
-    """The PyTorch reference DiCo of the parity tests, eager, fp32 or bf16 autocast."""
+    """The PyTorch reference DiCo of the parity tests, eager, fp32 or bf16 autocast.
+
+    A train step is forward, backward, AdamW and the EMA update, as in the official loop.
+    """
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -131,6 +172,8 @@ def bench_torch(name: str, dtype: str, batch: int, fwd_batch: int, res: int, rep
     target = torch.randn(batch, 8, res, res, device=dev)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
+    ema = [p.detach().clone() for p in model.parameters()]
+
     def step():
         opt.zero_grad(set_to_none=True)
         with autocast():
@@ -139,6 +182,11 @@ def bench_torch(name: str, dtype: str, batch: int, fwd_batch: int, res: int, rep
         loss = torch.mean((out.float() - target) ** 2)
         loss.backward()
         opt.step()
+        # The EMA update of the official training loop, parameter by parameter as it is written
+        # there, so both sides do a step's full work.
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(0.9999).add_(p.detach(), alpha=1 - 0.9999)
         sync()
 
     def timed(fn):
@@ -165,6 +213,14 @@ def bench_torch(name: str, dtype: str, batch: int, fwd_batch: int, res: int, rep
             "train_img_s": batch / train_s, "fwd_img_s": fwd_batch / fwd_s}
 
 
+def _release_torch_memory() -> None:
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -172,15 +228,16 @@ def fmt(v, spec):
 def print_table(rows: list[dict]) -> None:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
-    head = (f"{'impl':5} {'model':8} {'dtype':9} {'dwconv':6} {'batch':>5} {'compile s':>9} {'train img/s':>11} "
+    head = (f"{'impl':5} {'model':8} {'dtype':9} {'dwconv':6} {'blocks':11} {'batch':>5} {'compile s':>9} {'train img/s':>11} "
             f"{'TFLOP/s':>8} {'MFU':>6} {'fwd img/s':>10} {'250-step img/s':>14} {'peak GiB':>8} "
             f"{'train x torch':>13} {'fwd x torch':>11}")
     print(head)
     for r in rows:
-        print(f"{r['impl']:5} {r['model']:8} {r['dtype']:9} {r.get('depthwise', '-'):6} {r['batch']:5d} "
+        blocks = "-" if "scan" not in r else ("scan" if r["scan"] else "loop") + "/" + r["remat"]
+        print(f"{r['impl']:5} {r['model']:8} {r['dtype']:9} {r.get('depthwise', '-'):6} {blocks:11} {r['batch']:5d} "
               f"{fmt(r.get('compile_s'), '9.1f')} {fmt(r['train_img_s'], '11.2f')} "
               f"{fmt(r.get('train_tflops'), '8.3f')} {fmt(r.get('mfu'), '6.1%')} "
-              f"{fmt(r['fwd_img_s'], '10.2f')} {fmt(r.get('sample250_img_s'), '14.3f')} "
+              f"{fmt(r.get('fwd_img_s'), '10.2f')} {fmt(r.get('sample250_img_s'), '14.3f')} "
               f"{fmt(r.get('peak_mem_gib'), '8.2f')} {fmt(r.get('train_vs_torch'), '13.2f')} "
               f"{fmt(r.get('fwd_vs_torch'), '11.2f')}")
 
@@ -197,6 +254,10 @@ def main(argv=None) -> list[dict]:
                     help="sampler steps timed (the 250-step rate is extrapolated)")
     ap.add_argument("--sample-batch", type=int, default=None)
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--unrolled", action="store_true",
+                    help="blocks as a Python loop (scan=False): longer compile, no stacked residuals")
+    ap.add_argument("--parts", default="train,forward,sample",
+                    help="what to time besides compile: a comma list of train, forward, sample")
     ap.add_argument("--depthwise", default="auto",
                     help="depthwise 3x3 as 'conv' (grouped conv), 'shift' (9 multiply-adds) or "
                          "'auto' (shift on CPU, conv elsewhere); a comma list times each")
@@ -204,26 +265,43 @@ def main(argv=None) -> list[dict]:
                     help="peak used for MFU when the device is not a known accelerator")
     ap.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="trace 3 train steps per JAX row into DIR and print device time by op kind")
     args = ap.parse_args(argv)
     fwd_batch = args.fwd_batch or args.batch
     rows = []
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
-            for depthwise in args.depthwise.split(","):
-                rows.append(bench_jax(name, dtype, args.batch, fwd_batch, args.res, args.repeats,
-                                      args.sample_steps, args.sample_batch or args.batch,
-                                      args.remat, args.cpu_peak_tflops * 1e12, depthwise))
+            ref = None
             if args.torch:
-                ref = bench_torch(name, dtype, args.batch, fwd_batch, args.res, args.repeats)
-                for row in rows:
-                    if row["impl"] == "jax" and row["model"] == name and row["dtype"] == dtype:
-                        row["train_vs_torch"] = row["train_img_s"] / ref["train_img_s"]
-                        row["fwd_vs_torch"] = row["fwd_img_s"] / ref["fwd_img_s"]
+                # PyTorch first, then its cached memory is released for JAX: JAX keeps what
+                # it allocates, so the other order can starve the baseline.
+                try:
+                    ref = bench_torch(name, dtype, args.batch, fwd_batch, args.res, args.repeats)
+                except Exception as e:  # a baseline that does not fit must not cost the JAX rows
+                    print(f"PyTorch baseline {name} {dtype} failed: {e!r}"[:400])
+                _release_torch_memory()
+            for depthwise in args.depthwise.split(","):
+                row = bench_jax(name, dtype, args.batch, fwd_batch, args.res, args.repeats,
+                                args.sample_steps, args.sample_batch or args.batch,
+                                args.remat, args.cpu_peak_tflops * 1e12, depthwise, args.profile,
+                                not args.unrolled, tuple(args.parts.split(",")))
+                if ref is not None and row["fwd_img_s"] is not None:
+                    row["fwd_vs_torch"] = row["fwd_img_s"] / ref["fwd_img_s"]
+                if ref is not None:
+                    row["train_vs_torch"] = row["train_img_s"] / ref["train_img_s"]
+                rows.append(row)
+                save()
+            if ref is not None:
                 rows.append(ref)
+                save()
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
     return rows
 
 
