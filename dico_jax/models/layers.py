@@ -139,8 +139,10 @@ def _depthwise_shift_bwd(res, g):
     x, kernel = res
     h, w = x.shape[1], x.shape[2]
     dx = _shifted_sum(g, kernel[::-1, ::-1])
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dk = jnp.stack([jnp.stack([jnp.sum(xp[:, a:a + h, b:b + w, :] * g, axis=(0, 1, 2))
+    # The kernel gradient sums N*H*W products per tap: accumulate in fp32 in every dtype.
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(jnp.float32)
+    gf = g.astype(jnp.float32)
+    dk = jnp.stack([jnp.stack([jnp.sum(xp[:, a:a + h, b:b + w, :] * gf, axis=(0, 1, 2))
                                for b in range(3)]) for a in range(3)])
     return dx, dk.astype(kernel.dtype)
 

@@ -65,6 +65,7 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
                   "label": jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)}
     state = jax.jit(functools.partial(create_train_state, model=model, tx=tx,
                                       latent_shape=shape))(jax.random.key(0))
+    jax.block_until_ready(state)  # else the init still runs while the step compiles
     step = jax.jit(functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
                                      lr_schedule=optax.constant_schedule(1e-4), ema_decay=0.9999,
                                      step_key=jax.random.key(1)), donate_argnums=(0,))
