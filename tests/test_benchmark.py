@@ -48,3 +48,9 @@ ENTRY %main (a: f32[2,8,8,16], k: f32[3,3,1,16]) -> f32[2,8,8,16] {
     assert profile_summary.categorize(hlo["dot.2"]) == "matmul"
     assert profile_summary.categorize(hlo["fusion.3"]) == "modulated_layer_norm"
     assert profile_summary.categorize(hlo["add.4"]) == "other"
+
+
+def test_benchmark_rejects_a_one_step_sampler(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--sample-steps", "1"])
+    assert "--sample-steps must be at least 2" in capsys.readouterr().err

@@ -111,8 +111,8 @@ def test_mismatched_state_dict_names_offenders(torch_model):
     with pytest.raises(ValueError) as err:
         torch_to_flax(sd, "DiCo-S", **TINY)
     msg = str(err.value)
-    assert "missing (1): latent.0.ca.1.weight (64, 64, 1, 1)" in msg
-    assert "unexpected (1): latent.0.extra.weight (3,)" in msg
+    assert "1 missing keys (expected shape):\n  latent.0.ca.1.weight (64, 64, 1, 1)" in msg
+    assert "1 unexpected keys (found shape):\n  latent.0.extra.weight (3,)" in msg
     assert "encoder_level_1.0.conv4.weight: expected (32, 16, 1, 1), found (5, 16, 1, 1)" in msg
 
 

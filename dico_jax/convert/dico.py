@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
+from dico_jax.convert.report import mismatch_message
 from dico_jax.models import abstract_params, get_model
 
 LEVELS = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
@@ -149,23 +150,14 @@ def _strip_module_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _mismatch_report(expected: Mapping[str, tuple], found: Mapping[str, tuple], what: str) -> str | None:
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    bad = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    if not (missing or extra or bad):
-        return None
-    lines = [f"{what} does not match the expected parameters:"]
-    if missing:
-        lines.append(f"  missing ({len(missing)}): " + ", ".join(f"{k} {expected[k]}" for k in missing[:20])
-                     + (" ..." if len(missing) > 20 else ""))
-    if extra:
-        lines.append(f"  unexpected ({len(extra)}): " + ", ".join(f"{k} {tuple(found[k])}" for k in extra[:20])
-                     + (" ..." if len(extra) > 20 else ""))
-    for k in bad[:20]:
-        lines.append(f"  shape mismatch {k}: expected {expected[k]}, found {tuple(found[k])}")
-    if len(bad) > 20:
-        lines.append(f"  ... and {len(bad) - 20} more shape mismatches")
-    return "\n".join(lines)
+    return mismatch_message(f"{what} does not match the expected parameters", [
+        ("missing keys (expected shape)", [f"{k} {expected[k]}" for k in expected if k not in found]),
+        ("unexpected keys (found shape)", [f"{k} {tuple(v)}" for k, v in found.items()
+                                           if k not in expected]),
+        ("mis-shaped keys", [f"{k}: expected {expected[k]}, found {tuple(found[k])}"
+                             for k in expected if k in found
+                             and tuple(found[k]) != tuple(expected[k])]),
+    ])
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], model_name: str, **overrides) -> dict:

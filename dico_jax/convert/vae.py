@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dico_jax.convert.report import mismatch_message
 from dico_jax.models.vae import AutoencoderKL
 
 WEIGHT_FILENAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # Older diffusers checkpoints (including the original sd-vae-ft-* uploads) name the attention
 # projections differently; both namings hold the same tensors.
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out"}
-_MAX_LISTED = 20
 
 Path = tuple[str, ...]
 
@@ -105,28 +105,20 @@ def vae_torch_to_flax(
         if path not in source_of
     ]
 
-    problems = []
-    for title, items in (
-        ("missing keys (expected shape)", missing),
-        ("unexpected keys (found shape)", unexpected),
-        ("mis-shaped keys", misshaped),
-        ("keys given under both the old and the new attention names", duplicated),
-    ):
-        if items:
-            listed = "\n  ".join(items[:_MAX_LISTED])
-            more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-            problems.append(f"{len(items)} {title}:\n  {listed}{more}")
-    if problems:
-        hint = ""
+    message = mismatch_message(
+        f"state dict does not match AutoencoderKL(block_out_channels={tuple(module.block_out_channels)}, "
+        f"layers_per_block={module.layers_per_block}, latent_channels={module.latent_channels}, "
+        f"in_channels={module.in_channels}, out_channels={module.out_channels})", [
+            ("missing keys (expected shape)", missing),
+            ("unexpected keys (found shape)", unexpected),
+            ("mis-shaped keys", misshaped),
+            ("keys given under both the old and the new attention names", duplicated),
+        ])
+    if message:
         if any(k.startswith(("first_stage_model.", "encoder.down.")) for k in state_dict):
-            hint = "\n(this looks like an original CompVis/LDM checkpoint; use the diffusers-format VAE file)"
-        raise ValueError(
-            f"state dict does not match AutoencoderKL(block_out_channels={tuple(module.block_out_channels)}, "
-            f"layers_per_block={module.layers_per_block}, latent_channels={module.latent_channels}, "
-            f"in_channels={module.in_channels}, out_channels={module.out_channels}):\n"
-            + "\n".join(problems)
-            + hint
-        )
+            message += ("\n(this looks like an original CompVis/LDM checkpoint; use the "
+                        "diffusers-format VAE file)")
+        raise ValueError(message)
 
     params: dict = {}
     for path, value in converted.items():

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dico_jax.convert.report import mismatch_message
+
 INPUT_SIZE = 299
 NUM_LOGITS = 1008
 POOL_DIM = 2048
@@ -289,17 +291,13 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any], source: str = "state
 
     variables = jax.tree_util.tree_map_with_path(fill, shapes)
     unexpected = sorted(set(arrays) - used)
-    if missing or wrong or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing (first: {missing[:5]})")
-        if wrong:
-            problems.append(f"{len(wrong)} of wrong shape (first: {wrong[:3]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected (first: {unexpected[:5]})")
-        raise ValueError(
-            f"{source} is not pytorch-fid's FID Inception-v3 state dict: " + "; ".join(problems)
-        )
+    message = mismatch_message(f"{source} is not pytorch-fid's FID Inception-v3 state dict", [
+        ("missing keys", missing),
+        ("keys of the wrong shape", wrong),
+        ("unexpected keys", unexpected),
+    ])
+    if message:
+        raise ValueError(message)
     return variables
 
 

@@ -269,6 +269,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="trace 3 train steps per JAX row into DIR and print device time by op kind")
     args = ap.parse_args(argv)
+    if args.sample_steps < 2:
+        ap.error(f"--sample-steps must be at least 2 (a respaced sampler keeps >= 2 steps), "
+                 f"got {args.sample_steps}")
     fwd_batch = args.fwd_batch or args.batch
     rows = []
 
