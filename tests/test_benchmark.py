@@ -54,3 +54,6 @@ def test_benchmark_rejects_a_one_step_sampler(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--sample-steps", "1"])
     assert "--sample-steps must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--parts", "train,forwrd"])
+    assert "--parts takes train, forward and sample" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import pytest
 
 from dico_jax import sharding as sharding_lib
 from dico_jax import train
+from dico_jax.data import pipeline
 from dico_jax.diffusion import create_diffusion
 from dico_jax.models import OFFICIAL_PARAM_COUNTS
 
@@ -84,8 +85,6 @@ def test_dico_h_fsdp_step_runs():
     rng = np.random.default_rng(0)
     batch = {"latent": rng.standard_normal((BATCH, *LATENT)).astype(np.float32),
              "label": rng.integers(0, 1000, BATCH).astype(np.int32)}
-    from dico_jax.data import pipeline
-
     before = np.asarray(jax.tree.leaves(state.params)[0][:2])
     state, metrics = step(state, pipeline.make_global_batch(batch, mesh))
     assert np.isfinite(float(metrics["loss"]))

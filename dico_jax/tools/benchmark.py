@@ -4,14 +4,13 @@
     python -m dico_jax.tools.benchmark --models DiCo-XL --batch 64 --fwd-batch 128 \
         --dtypes float32,bfloat16 --torch --json bench.json          # on a GPU
 
-`--profile DIR` also traces three train steps per row and prints device time by op kind
-(`dico_jax.tools.profile_summary`).
 For every (model, dtype): compile time of the full train step (loss, backward, AdamW, EMA),
 steady-state train images/s, TFLOP/s and MFU (3 x XLA's forward FLOPs per image against the
 chip's bf16 peak), forward images/s, peak device memory, and the guided ancestral sampler's
 images/s. With --torch, the PyTorch reference DiCo (eager; fp32 and bf16 autocast) is timed
 in the same process and the ratios are printed beside the absolute numbers. Warm-up runs are
-excluded; each figure is the median of --repeats timed runs.
+excluded; each figure is the median of --repeats timed runs. `--profile DIR` also traces
+three train steps per row and prints device time by op kind (`dico_jax.tools.profile_summary`).
 """
 from __future__ import annotations
 
@@ -80,11 +79,11 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
         return metrics["loss"]
 
     train_s = median_seconds(run_step, repeats)
+    depthwise = model._depthwise_impl()
     profile = None
     if profile_dir:
         profile = profile_train_step(run_step, compiled, os.path.join(
-            profile_dir, f"{name}_{dtype}_{model._depthwise_impl()}_{'scan' if scan else 'loop'}"
-                         f"_{remat}_b{batch}"))
+            profile_dir, f"{name}_{dtype}_{depthwise}_{'scan' if scan else 'loop'}_{remat}_b{batch}"))
     params = holder["state"].params
     fwd_s = sample_s = None
     if "forward" in parts:
@@ -100,7 +99,7 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
         tflops = None
     return {
         "impl": "jax", "model": name, "dtype": dtype, "batch": batch, "res": res, "remat": remat,
-        "scan": scan, "depthwise": model._depthwise_impl(),
+        "scan": scan, "depthwise": depthwise,
         "compile_s": compile_s, "train_img_s": train_ips, "train_tflops": tflops,
         "mfu": None if tflops is None else tflops * 1e12 / peak_flops_per_chip(device.device_kind, cpu_peak),
         "fwd_img_s": None if fwd_s is None else fwd_batch / fwd_s,
@@ -272,6 +271,9 @@ def main(argv=None) -> list[dict]:
     if args.sample_steps < 2:
         ap.error(f"--sample-steps must be at least 2 (a respaced sampler keeps >= 2 steps), "
                  f"got {args.sample_steps}")
+    parts = tuple(args.parts.split(","))
+    if set(parts) - {"train", "forward", "sample"}:
+        ap.error(f"--parts takes train, forward and sample, got {args.parts!r}")
     fwd_batch = args.fwd_batch or args.batch
     rows = []
 
@@ -295,11 +297,11 @@ def main(argv=None) -> list[dict]:
                 row = bench_jax(name, dtype, args.batch, fwd_batch, args.res, args.repeats,
                                 args.sample_steps, args.sample_batch or args.batch,
                                 args.remat, args.cpu_peak_tflops * 1e12, depthwise, args.profile,
-                                not args.unrolled, tuple(args.parts.split(",")))
-                if ref is not None and row["fwd_img_s"] is not None:
-                    row["fwd_vs_torch"] = row["fwd_img_s"] / ref["fwd_img_s"]
+                                not args.unrolled, parts)
                 if ref is not None:
                     row["train_vs_torch"] = row["train_img_s"] / ref["train_img_s"]
+                    if row["fwd_img_s"] is not None:
+                        row["fwd_vs_torch"] = row["fwd_img_s"] / ref["fwd_img_s"]
                 rows.append(row)
                 save()
             if ref is not None:

@@ -79,7 +79,7 @@ def categorize(desc: str) -> str:
     if (" dot(" in desc or "cublas" in desc or "gemm" in desc.lower()) and "reduce-window" not in desc:
         return "matmul"
     for scope in _SCOPES:
-        if f"/{scope}/" in desc or f"/{scope}\"" in desc or f"{scope}/" in desc:
+        if f"{scope}/" in desc or f"/{scope}\"" in desc:
             return scope
     return "other"
 
