@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dico_jax import train
+from dico_jax import host_memory, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -50,6 +50,8 @@ class _QuietOrbax(pylogging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if host_memory.retain_freed_memory_on_cpu():  # before JAX starts its backend
+        logging.info("CPU backend: the host allocator keeps freed memory (dico_jax.host_memory)")
     if logging.get_verbosity() < logging.DEBUG:
         logging.get_absl_handler().addFilter(_QuietOrbax())
     if on_multiprocess_runtime() and not jax.distributed.is_initialized():

@@ -9,6 +9,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 
+from dico_jax import host_memory  # noqa: E402
+
+# As the CLIs do on the CPU backend, before JAX starts it: reuse freed host memory.
+host_memory.retain_freed_memory_on_cpu()
+
 jax.config.update("jax_threefry_partitionable", True)
 
 import pytest  # noqa: E402

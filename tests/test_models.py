@@ -142,6 +142,22 @@ def test_modulated_layer_norm_gradient_matches_autodiff(dtype, tol):
         assert err < tol, f"d{name}: relative error {err:.2e}"
 
 
+
+def test_gelu_value_and_gradient_match_exact_erf_gelu():
+    x = jnp.linspace(-9.0, 9.0, 2001)
+    ref_y, ref_vjp = jax.vjp(lambda v: jax.nn.gelu(v, approximate=False), x)
+    y, vjp = jax.vjp(L.gelu, x)
+    dy = jnp.cos(x)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(vjp(dy)[0], ref_vjp(dy)[0], rtol=1e-5, atol=1e-6)
+    # bf16 in, bf16 out, computed in fp32: within one bf16 rounding of the fp32 result.
+    xb = x.astype(jnp.bfloat16)
+    yb, vjpb = jax.vjp(L.gelu, xb)
+    assert yb.dtype == vjpb(dy.astype(jnp.bfloat16))[0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(yb, np.float32),
+                               jax.nn.gelu(xb.astype(jnp.float32), approximate=False),
+                               rtol=8e-3, atol=1e-6)
+
 def test_timestep_embedding_formula():
     t = jnp.array([0.0, 1.0, 999.0])
     emb = np.asarray(L.timestep_embedding(t, 256))

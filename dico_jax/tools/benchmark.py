@@ -29,12 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dico_jax import host_memory
 from dico_jax.diffusion import create_diffusion, guided_model_fn
 from dico_jax.models import forward_flops_per_image, get_model
 from dico_jax.train import create_train_state, peak_flops_per_chip, train_step
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    """Median of `repeats` timed calls after `warmup` untimed ones (compilation, caches and
+    the host heap reaching their steady state)."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -225,9 +228,10 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], host_memory_retained: bool = False) -> None:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}")
+          f"{time.strftime('%Y-%m-%d')}"
+          + (", host allocator keeps freed memory (dico_jax.host_memory)" if host_memory_retained else ""))
     head = (f"{'impl':5} {'model':8} {'dtype':9} {'dwconv':6} {'blocks':11} {'batch':>5} {'compile s':>9} {'train img/s':>11} "
             f"{'TFLOP/s':>8} {'MFU':>6} {'fwd img/s':>10} {'250-step img/s':>14} {'peak GiB':>8} "
             f"{'train x torch':>13} {'fwd x torch':>11}")
@@ -268,6 +272,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="trace 3 train steps per JAX row into DIR and print device time by op kind")
     args = ap.parse_args(argv)
+    retained = host_memory.retain_freed_memory_on_cpu()  # before JAX starts its backend
     if args.sample_steps < 2:
         ap.error(f"--sample-steps must be at least 2 (a respaced sampler keeps >= 2 steps), "
                  f"got {args.sample_steps}")
@@ -302,12 +307,14 @@ def main(argv=None) -> list[dict]:
                     row["train_vs_torch"] = row["train_img_s"] / ref["train_img_s"]
                     if row["fwd_img_s"] is not None:
                         row["fwd_vs_torch"] = row["fwd_img_s"] / ref["fwd_img_s"]
+                row["host_memory_retained"] = retained
                 rows.append(row)
                 save()
             if ref is not None:
+                ref["host_memory_retained"] = retained
                 rows.append(ref)
                 save()
-    print_table(rows)
+    print_table(rows, retained)
     return rows
 
 

@@ -1,0 +1,84 @@
+"""Host memory reuse for runs on the XLA:CPU backend.
+
+XLA:CPU takes each call's temporaries as one block: 2.4 GB for a DiCo-S batch-8 train step.
+By default glibc serves a block that large with a fresh `mmap` and unmaps it when freed, so
+the kernel zero-fills every page again on the next call: on the 2-core machine the tests run
+on, 640,000 page faults and 1.3 s of system time in each 2.2 s step. Three settings make the
+block come back from the heap instead (0 faults, 1.5 s per step, compile time unchanged):
+
+- JAX's CPU client runs programs on the calling thread (`jax_cpu_enable_async_dispatch`
+  off), so the block comes from glibc's main arena: a worker thread's arena cannot grow
+  past 64 MB and falls back to `mmap` whatever the settings below say. (Limiting glibc to
+  one arena does the same but slows XLA's multithreaded compilation by 40%.)
+- `mallopt(M_MMAP_MAX, 0)`: large blocks come from the heap, not from `mmap`.
+- `mallopt(M_TRIM_THRESHOLD, -1)`: freed memory at the top of the heap is not returned.
+
+The price: the process keeps the host memory it frees (its resident size stays at its
+peak), and Python no longer runs ahead of the CPU computation. `retain_freed_memory_on_cpu()`
+must run before JAX starts its backend. It does nothing where an accelerator will run the
+program, off glibc, or when DICO_JAX_RETAIN_HOST_MEMORY=0.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
+import sys
+
+# mallopt(3) parameters (glibc malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+ENV_VAR = "DICO_JAX_RETAIN_HOST_MEMORY"
+
+
+def cpu_runs_the_program(platforms: str | None = None) -> bool:
+    """True when JAX will run on the CPU, decided without starting a backend.
+
+    `platforms` (default: jax.config.jax_platforms, i.e. JAX_PLATFORMS) decides when set;
+    otherwise the CPU runs the program when no accelerator plugin (the CUDA / ROCm plugins
+    under `jax_plugins`, libtpu) is installed.
+    """
+    if platforms is None:
+        import jax
+
+        platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return all(p.strip() == "cpu" for p in platforms.split(","))
+    if importlib.util.find_spec("libtpu") is not None:
+        return False
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    try:
+        import jax_plugins
+    except ImportError:
+        return True
+    return not any(pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def keep_large_blocks_on_heap() -> bool:
+    """glibc: no `mmap` for large blocks and no trimming; True if both settings took."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc, not musl
+    except (OSError, AttributeError):
+        return False
+    return all(libc.mallopt(param, value) == 1
+               for param, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+
+
+def retain_freed_memory_on_cpu() -> bool:
+    """The settings above, when the CPU runs the program and the env var allows it.
+
+    Returns True when they were applied.
+    """
+    if os.environ.get(ENV_VAR, "1") == "0" or not cpu_runs_the_program():
+        return False
+    if not keep_large_blocks_on_heap():
+        return False
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
