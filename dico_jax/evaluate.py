@@ -21,6 +21,7 @@ import tempfile
 
 import numpy as np
 
+from dico_jax import host_memory
 from dico_jax.evaluation import features as feature_io
 from dico_jax.evaluation import inception, metrics
 
@@ -156,6 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    host_memory.retain_freed_memory_on_cpu()  # before JAX starts its backend
     if args.digits:
         result = digits_file_metrics(args.samples, args.cache_dir)
     else:

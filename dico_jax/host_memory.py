@@ -6,10 +6,12 @@ the kernel zero-fills every page again on the next call: on the 2-core machine t
 on, 640,000 page faults and 1.3 s of system time in each 2.2 s step. Three settings make the
 block come back from the heap instead (0 faults, 1.5 s per step, compile time unchanged):
 
-- JAX's CPU client runs programs on the calling thread (`jax_cpu_enable_async_dispatch`
-  off), so the block comes from glibc's main arena: a worker thread's arena cannot grow
-  past 64 MB and falls back to `mmap` whatever the settings below say. (Limiting glibc to
-  one arena does the same but slows XLA's multithreaded compilation by 40%.)
+- JAX's CPU client runs single-device programs on the calling thread
+  (`jax_cpu_enable_async_dispatch` off), so the block comes from glibc's main arena: a
+  worker thread's arena cannot grow past 64 MB and falls back to `mmap` whatever the
+  settings below say. (Limiting glibc to one arena does the same but slows XLA's
+  multithreaded compilation by 40%.) Programs split over several CPU devices keep their
+  worker threads and are not helped.
 - `mallopt(M_MMAP_MAX, 0)`: large blocks come from the heap, not from `mmap`.
 - `mallopt(M_TRIM_THRESHOLD, -1)`: freed memory at the top of the heap is not returned.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import pkgutil
 import sys
@@ -76,9 +79,23 @@ def retain_freed_memory_on_cpu() -> bool:
     """
     if os.environ.get(ENV_VAR, "1") == "0" or not cpu_runs_the_program():
         return False
-    if not keep_large_blocks_on_heap():
-        return False
     import jax
 
+    if _backend_started():
+        logging.warning("%s: JAX's backend is already running; host memory settings not "
+                        "applied (call retain_freed_memory_on_cpu() first)", __name__)
+        return False
+    if not keep_large_blocks_on_heap():
+        return False
+    # Read when the CPU client is created; applies to single-device programs (a program
+    # split over several CPU devices still runs on worker threads).
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:  # not in this JAX version: assume the caller is early enough
+        return False
+    return backends_are_initialized()

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from dico_jax import host_memory
 from dico_jax.convert.checkpoints import model_kwargs, resolve_checkpoint_path
 from dico_jax.diffusion import create_diffusion, guided_model_fn
 
@@ -634,6 +635,7 @@ class _OrbaxInfoFilter(logging.Filter):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    host_memory.retain_freed_memory_on_cpu()  # before JAX starts its backend
     logging.getLogger("absl").addFilter(_OrbaxInfoFilter())
     from dico_jax.main import on_multiprocess_runtime
 

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from dico_jax import host_memory
@@ -59,4 +60,9 @@ def test_cpu_runs_the_program_follows_jax_platforms():
 
 def test_env_var_turns_it_off(monkeypatch):
     monkeypatch.setenv(host_memory.ENV_VAR, "0")
+    assert host_memory.retain_freed_memory_on_cpu() is False
+
+
+def test_too_late_once_the_backend_runs():
+    jax.device_count()  # starts the backend (conftest.py already did so at session start)
     assert host_memory.retain_freed_memory_on_cpu() is False
