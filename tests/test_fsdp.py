@@ -68,16 +68,23 @@ def test_dico_h_state_is_split_eight_ways_and_step_compiles():
           f"temporaries = {', '.join(f'{b / 1e9:.2f}' for b in stats)} GB")
 
 
-def _ram_bytes():
+def _available_ram_bytes():
+    """MemAvailable (free memory plus what the kernel can reclaim), 0 where unknown."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_ram_bytes() < 28e9, reason="the 8 fake devices share host RAM: one DiCo-H "
-                    "FSDP step needs about 24 GB free (16.6 GB state, 8 x 0.75 GB temporaries)")
+@pytest.mark.skipif(_available_ram_bytes() < 26e9, reason="the 8 fake devices share host RAM: "
+                    "run alone on a 24 GB machine, one DiCo-H FSDP step peaked at 24.2 GB "
+                    "resident (16.6 GB state, 8 x 0.75 GB temporaries, the compiled program); "
+                    "this test wants 26 GB available")
 def test_dico_h_fsdp_step_runs():
     config, mesh, model, tx, schedule, init, _, shardings = h_setup()
     state = init()
