@@ -45,7 +45,7 @@ def cpu_runs_the_program(platforms: str | None = None) -> bool:
     if platforms is None:
         import jax
 
-        platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+        platforms = jax.config.jax_platforms  # JAX_PLATFORMS, read when jax is imported
     if platforms:
         return all(p.strip() == "cpu" for p in platforms.split(","))
     if importlib.util.find_spec("libtpu") is not None:

@@ -205,29 +205,30 @@ def gelu(x: Array) -> Array:
     return _gelu(x)
 
 
-def _gelu_fwd_math(x: Array) -> Array:
-    xf = x.astype(jnp.float32)
-    return (0.5 * xf * (1.0 + lax.erf(xf * _SQRT_HALF))).astype(x.dtype)
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _normal_cdf(xf: Array) -> Array:
+    return 0.5 * (1.0 + lax.erf(xf * _SQRT_HALF))
 
 
 @jax.custom_vjp
 def _gelu(x: Array) -> Array:
-    return _gelu_fwd_math(x)
+    xf = x.astype(jnp.float32)
+    return (xf * _normal_cdf(xf)).astype(x.dtype)
 
 
 def _gelu_fwd(x):
-    return _gelu_fwd_math(x), x
+    return _gelu(x), x
 
 
 def _gelu_bwd(x, g):
     xf = x.astype(jnp.float32)
-    cdf = 0.5 * (1.0 + lax.erf(xf * _SQRT_HALF))
     pdf = jnp.exp(-0.5 * jnp.square(xf)) * _INV_SQRT_2PI
-    return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+    return ((g.astype(jnp.float32) * (_normal_cdf(xf) + xf * pdf)).astype(x.dtype),)
 
 
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
