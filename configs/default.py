@@ -54,8 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = config_dict.placeholder(int)
     config.model.class_dropout_prob = 0.1
     # Each level's blocks as one `lax.scan` (compile time independent of depth), or with False
-    # as a Python loop: about twice the compile time, faster steps (no stacked residuals;
-    # DiCo-S fp32 train step on a 2-core CPU: 3.57 vs 2.58 img/s, README "Performance").
+    # as a Python loop: longer compiles, faster steps (no stacked residuals; DiCo-S fp32 train
+    # step on a 2-core CPU: 5.37 vs 4.28 img/s, compile 18 vs 11 s, README "Performance").
     config.model.scan = True
     # Depthwise 3x3: "auto" (shifted multiply-adds on CPU, grouped conv elsewhere), "conv", "shift".
     config.model.depthwise_impl = "auto"

@@ -18,6 +18,7 @@ from dico_jax import train
 from dico_jax.data import pipeline
 from dico_jax.diffusion import create_diffusion
 from dico_jax.models import OFFICIAL_PARAM_COUNTS
+from dico_jax.tools import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,13 +28,18 @@ LATENT = (8, 8, 4)  # 64x64 pixels: the network at full size, activations kept s
 BATCH = 8  # one image per device
 
 
-def h_setup():
+def h_setup_config():
     config = default_config.get_config()
     config.model.name = "DiCo-H"
     config.model.in_channels, config.model.num_classes = 4, 1000
     config.resolution = 64
     config.global_batch_size = BATCH
     config.mesh = {"data": 1, "fsdp": 8}
+    return config
+
+
+def h_setup():
+    config = h_setup_config()
     mesh = sharding_lib.create_mesh(config.mesh)
     model = train.build_model(config)
     tx, schedule = train.make_optimizer(config)
@@ -41,31 +47,19 @@ def h_setup():
     return config, mesh, model, tx, schedule, init, abstract, shardings
 
 
-def nbytes(leaf, shape=None):
-    return int(np.prod(leaf.shape if shape is None else shape)) * leaf.dtype.itemsize
-
-
 def test_dico_h_state_is_split_eight_ways_and_step_compiles():
-    config, mesh, model, tx, schedule, _, abstract, shardings = h_setup()
-    leaves, specs = jax.tree.leaves(abstract), jax.tree.leaves(shardings)
-    assert sum(x.size for x in jax.tree.leaves(abstract.params)) == OFFICIAL_PARAM_COUNTS["DiCo-H"]
-    total = sum(nbytes(x) for x in leaves)
-    per_device = sum(nbytes(x, s.shard_shape(x.shape)) for x, s in zip(leaves, specs))
+    config = h_setup_config()
+    row = plan.plan_train_step(config, jax.devices())
+    assert row["params"] == OFFICIAL_PARAM_COUNTS["DiCo-H"]
+    total = row["state_bytes"]
     assert total > 16e9
     # Everything but small leaves (biases, norms under fsdp_min_size) is split 8 ways.
-    assert per_device < total / 8 * 1.02, (per_device, total)
-
-    step = train.make_train_step(config, model, create_diffusion(""), tx, schedule, shardings, mesh)
-    compiled = step.lower(sharding_lib.with_shardings(abstract, shardings),
-                          train.batch_spec(config, mesh, LATENT)).compile()
-    mem = compiled.memory_analysis()
+    assert row["state_bytes_per_chip"] < total / 8 * 1.02, row
     # XLA's view of one device's program: its inputs (the state shard and batch shard) and the
     # temporaries of forward, backward, AdamW and EMA all fit in a fraction of the whole state.
-    stats = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes)
-    assert mem.argument_size_in_bytes < total / 8 * 1.02, stats
-    assert mem.temp_size_in_bytes < total / 4, stats
-    print(f"DiCo-H FSDP x8: state {total / 1e9:.2f} GB; per device: arguments, outputs, "
-          f"temporaries = {', '.join(f'{b / 1e9:.2f}' for b in stats)} GB")
+    assert row["argument_bytes"] < total / 8 * 1.02, row
+    assert row["temp_bytes"] < total / 4, row
+    print(plan.format_table([row]))
 
 
 def _available_ram_bytes():

@@ -1,0 +1,303 @@
+"""Ahead-of-time plan of a training run: its sharded train step compiled, not run.
+
+    python -m dico_jax.tools.plan --config=configs/dico.py:XL --topology=v5p:2x2x1 \
+        --vary=batch_per_chip=32,64 --vary=remat=none,dots,full [--json=plan.json]
+
+Builds the train step exactly as `dico_jax.main` would for the config (mesh, FSDP shardings,
+donated state, AdamW, EMA) from abstract shapes, compiles it for the target chips and prints,
+per chip: the train state as sharded, XLA's temporaries (forward, backward, optimizer, EMA),
+the total against the chip's memory, and the compile time. Nothing is allocated.
+
+The target is this host's devices, or with --topology a Cloud TPU slice (for example
+v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2) compiled by XLA's TPU compiler through libtpu, which
+needs no TPU. On a TPU VM libtpu is there; elsewhere install the version JAX pins beside the
+environment (`pip install --target DIR 'libtpu==...'`, then `PYTHONPATH=DIR`; the tool names
+the pin), so that JAX itself keeps running on this host's CPU.
+The memory figures are the compiler's buffer assignment for that target; a CPU plan is not a
+TPU or GPU plan (XLA:CPU computes bf16 in fp32 and fuses differently).
+"""
+from __future__ import annotations
+
+import ast
+import glob
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import types
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from dico_jax import sharding as sharding_lib
+from dico_jax import train
+from dico_jax.data import digits, records
+from dico_jax.diffusion import create_diffusion
+
+GIB = 2**30
+
+# HBM per chip (GiB) that XLA:TPU lets a program use, where the device does not report its
+# memory (TPU topologies compiled ahead of time): what libtpu 0.0.42 names as "available HBM"
+# when a program is too large for the chip (nominal 32, 16, 95, 32 GiB).
+CHIP_MEMORY_GIB = {
+    "TPU v4": 30.75,
+    "TPU v5 lite": 15.75,  # v5e
+    "TPU v5": 95.74,  # v5p
+    "TPU v6 lite": 31.25,  # v6e
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (file.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("topology", None, "Cloud TPU slice to compile for, e.g. v5p:2x2x1 "
+                    "(needs libtpu); default: this host's devices.")
+flags.DEFINE_multi_string("vary", [], "FIELD=V1,V2,...: one row per value (every combination "
+                          "when repeated). FIELD is a config path (remat, mesh.fsdp, "
+                          "model.scan, ...) or batch_per_chip.")
+flags.DEFINE_integer("cpu_devices", 0, "On the CPU backend, fake this many devices.")
+flags.DEFINE_string("json", None, "Also write the rows here.")
+flags.mark_flags_as_required(["config"])
+
+
+def data_spec(config: ml_collections.ConfigDict) -> types.SimpleNamespace:
+    """latent_shape and num_classes of the data the config trains on, without reading it
+    unless a dataset directory with a manifest is given."""
+    manifest_path = os.path.join(config.data.dir, records.MANIFEST_NAME) if config.data.dir else ""
+    if manifest_path and os.path.exists(manifest_path):
+        m = records.read_manifest(config.data.dir)
+        return types.SimpleNamespace(latent_shape=tuple(m.latent_shape), num_classes=m.num_classes)
+    if config.data.builtin == "digits":
+        return types.SimpleNamespace(latent_shape=digits.LATENT_SHAPE,
+                                     num_classes=digits.NUM_CLASSES)
+    if config.data.builtin:
+        raise ValueError(f"config.data.builtin={config.data.builtin!r}: unknown; valid: 'digits'")
+    side = int(config.resolution) // 8  # ImageNet through the SD VAE: 4 x (res / 8)^2
+    return types.SimpleNamespace(latent_shape=(side, side, 4), num_classes=1000)
+
+
+def target_devices(topology: str | None) -> list:
+    if not topology:
+        return list(jax.devices())
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError(
+            f"--topology={topology} compiles with XLA's TPU compiler, which comes with libtpu "
+            f"(no TPU needed). Install the version this JAX was built with, apart from the "
+            f"environment so that JAX keeps running on the CPU here: pip install --target "
+            f"DIR '{libtpu_requirement()}', then PYTHONPATH=DIR python -m dico_jax.tools.plan ...")
+    from jax.experimental import topologies
+
+    _prepare_libtpu_off_tpu(topology)
+    try:
+        # JAX on a v4 VM runs each chip's two TensorCores as one device (megacore); v5p
+        # topologies come that way already.
+        options = {"chip_config_name": "megacore"} if topology.startswith("v4:") else {}
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                                 **options).devices)
+    except Exception as e:
+        raise ValueError(f"--topology={topology!r}: libtpu could not describe it ({e}); "
+                         "names look like v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2") from e
+
+
+def libtpu_requirement() -> str:
+    """The libtpu pin of this JAX's `tpu` extra, e.g. 'libtpu==0.0.42.*'."""
+    try:
+        for req in importlib.metadata.requires("jax") or ():
+            if req.startswith("libtpu") and "tpu" in req.partition(";")[2]:
+                return req.partition(";")[0].strip()
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return "libtpu"
+
+
+def _prepare_libtpu_off_tpu(topology: str) -> None:
+    """Off a TPU VM, libtpu looks for the VM's accelerator type and worker hostnames and logs
+    errors when it finds none: name this host and the slice compiled for instead. With no
+    chips to guard, its one-process lock would only stop plans from running side by side."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    generation, _, shape = topology.partition(":")
+    chips = int(np.prod([int(d) for d in shape.split("x") if d.isdigit()] or [1]))
+    accelerator = {"v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}.get(
+        generation, f"{generation}-{2 * chips}")  # v4, v5p: named by TensorCores, 2 per chip
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def chip_memory_bytes(device) -> int | None:
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # compile-only devices have no runtime
+        limit = None
+    if limit:
+        return int(limit)
+    gib = CHIP_MEMORY_GIB.get(device.device_kind)
+    return None if gib is None else int(gib * GIB)
+
+
+def set_field(config: ml_collections.ConfigDict, path: str, text: str) -> None:
+    """config.<path> = text, parsed to the field's current type."""
+    *parents, leaf = path.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    if leaf not in node:
+        raise ValueError(f"--vary: config has no field {path!r}")
+    current = node[leaf]
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"--vary {path}={text!r}: expected true or false")
+        value: Any = text.lower() == "true"
+    elif isinstance(current, (int, float)):
+        value = type(current)(text)
+    elif isinstance(current, str):
+        value = text
+    else:
+        value = ast.literal_eval(text)
+    node[leaf] = value
+
+
+def variants(config: ml_collections.ConfigDict, vary: Sequence[str], num_devices: int):
+    """(label dict, config) for every combination of the --vary values."""
+    axes = []
+    for spec in vary:
+        field, eq, values = spec.partition("=")
+        if not eq or not values:
+            raise ValueError(f"--vary {spec!r}: expected FIELD=V1,V2,...")
+        axes.append([(field.strip(), v.strip()) for v in values.split(",")])
+    for combo in itertools.product(*axes):
+        c = ml_collections.ConfigDict(config.to_dict())
+        for field, value in combo:
+            if field == "batch_per_chip":
+                c.global_batch_size = int(value) * num_devices
+            else:
+                set_field(c, field, value)
+        yield dict(combo), c
+
+
+def out_of_memory_fields(message: str) -> dict | None:
+    """Row fields for a compiler error that says the program does not fit, else None."""
+    message = " ".join(message.split())
+    if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+        return None
+    fields = {"fits": False, "error": message[:600]}
+    # XLA:TPU: "the total memory required for HLO temporaries (33.21G) exceeds ..."
+    needed = re.search(r"temporaries \(([0-9.]+)G\)", message)
+    if needed:
+        fields["temp_needed_bytes"] = int(float(needed.group(1)) * GIB)
+    return fields
+
+
+def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> dict:
+    """Compiles the config's train step for `devices`; returns per-chip memory and timings.
+
+    Raises what the build raises, except a compiler out-of-memory error, which becomes the
+    row's `error` (the plan does not fit).
+    """
+    spec = data_spec(config)
+    config = train.resolve_config(config, spec)
+    mesh = sharding_lib.create_mesh(config.mesh, devices)
+    model = train.build_model(config)
+    tx, schedule = train.make_optimizer(config)
+    _, abstract, shardings = train.init_state(config, model, tx, mesh, spec.latent_shape)
+    leaves, specs = jax.tree.leaves(abstract), jax.tree.leaves(shardings)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    state_per_chip = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+                         for x, s in zip(leaves, specs))
+    n = len(devices)
+    row = {
+        "device": devices[0].device_kind, "chips": n, "model": config.model.name,
+        "resolution": int(config.resolution), "dtype": config.dtype, "remat": config.remat,
+        "scan": bool(config.model.scan), "mesh": dict(mesh.shape),
+        "global_batch": int(config.global_batch_size),
+        "batch_per_chip": int(config.global_batch_size) / n,
+        "params": sum(x.size for x in jax.tree.leaves(abstract.params)),
+        "state_bytes": state_bytes, "state_bytes_per_chip": state_per_chip,
+        "chip_memory_bytes": chip_memory_bytes(devices[0]),
+    }
+    step = train.make_train_step(config, model, create_diffusion(""), tx, schedule, shardings, mesh)
+    t0 = time.perf_counter()
+    lowered = step.lower(sharding_lib.with_shardings(abstract, shardings),
+                         train.batch_spec(config, mesh, spec.latent_shape))
+    try:
+        compiled = lowered.compile()
+    except Exception as e:
+        fields = out_of_memory_fields(str(e))
+        if fields is None:
+            raise
+        row.update(fields, compile_s=time.perf_counter() - t0)
+        return row
+    row["compile_s"] = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    if mem is None:
+        row["fits"] = None
+        return row
+    for key in ("argument", "output", "alias", "temp", "generated_code"):
+        row[f"{key}_bytes"] = int(getattr(mem, f"{key}_size_in_bytes"))
+    # Live at once: the inputs, the outputs not written over donated inputs, the temporaries.
+    row["total_bytes"] = (row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"]
+                          + row["temp_bytes"] + row["generated_code_bytes"])
+    cap = row["chip_memory_bytes"]
+    row["fits"] = None if cap is None else row["total_bytes"] <= cap
+    return row
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    def gib(b):
+        return "-" if b is None else f"{b / GIB:.2f}"
+
+    head = (f"{'model':8} {'res':>4} {'dtype':9} {'remat':13} {'blocks':6} {'mesh d x f':10} "
+            f"{'batch/chip':>10} {'state':>6} {'temp':>6} {'total':>6} {'chip':>5} {'fits':5} "
+            f"{'compile s':>9}")
+    lines = [head]
+    for r in rows:
+        fits = {True: "yes", False: "NO", None: "?"}[r.get("fits")]
+        lines.append(
+            f"{r['model']:8} {r['resolution']:>4} {r['dtype']:9} {r['remat']:13} "
+            f"{'scan' if r['scan'] else 'loop':6} {r['mesh']['data']:>4} x {r['mesh']['fsdp']:<3} "
+            f"{r['batch_per_chip']:>10g} {gib(r['state_bytes_per_chip']):>6} "
+            f"{gib(r.get('temp_bytes', r.get('temp_needed_bytes'))):>6} "
+            f"{gib(r.get('total_bytes')):>6} "
+            f"{gib(r['chip_memory_bytes']):>5} {fits:5} {r['compile_s']:9.1f}")
+        if r.get("error"):
+            lines.append(f"    compiler: {r['error'][:300]}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.topology and "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")  # this host only traces; libtpu compiles
+    if FLAGS.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    try:
+        devices = target_devices(FLAGS.topology)
+        configs = list(variants(FLAGS.config, FLAGS.vary, len(devices)))
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"dico_jax.tools.plan: {e}")
+    rows = []
+    for label, config in configs:
+        row = plan_train_step(config, devices)
+        row["vary"] = label
+        rows.append(row)
+        print(f"planned {label or 'the config'}: {row['compile_s']:.0f} s", flush=True)
+    kind = devices[0].device_kind
+    print(f"target: {len(devices)} x {kind} ({FLAGS.topology or jax.default_backend()}), "
+          f"jax {jax.__version__}; GiB per chip")
+    print(format_table(rows))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

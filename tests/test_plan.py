@@ -1,0 +1,140 @@
+"""The ahead-of-time plan: the real sharded train step compiled for a target, per-chip memory."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from dico_jax.tools import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import digits as digits_config  # noqa: E402
+
+
+def small_config():
+    config = digits_config.get_config()
+    config.global_batch_size = 16
+    config.mesh = {"data": 1, "fsdp": 8}
+    config.fsdp_min_size = 256  # split most kernels of this small model
+    return config
+
+
+@pytest.mark.slow
+def test_plan_splits_the_state_over_fsdp_and_adds_up_memory():
+    row = plan.plan_train_step(small_config(), jax.devices())
+    assert row["chips"] == 8 and row["mesh"] == {"data": 1, "fsdp": 8}
+    assert row["batch_per_chip"] == 2 and row["resolution"] == 8
+    # Params, EMA and two AdamW moments in fp32, plus the step counters.
+    assert 16 * row["params"] <= row["state_bytes"] < 16 * row["params"] + 1024
+    # Kernels are split 8 ways; biases, norms and small kernels stay whole on every chip.
+    assert row["state_bytes"] / 8 < row["state_bytes_per_chip"] < row["state_bytes"] / 3
+    # XLA's arguments are this chip's state shard and batch shard; the state is donated, so
+    # the new state is written over it.
+    assert row["state_bytes_per_chip"] <= row["argument_bytes"] < row["state_bytes_per_chip"] * 1.1
+    assert row["alias_bytes"] >= 0.9 * row["state_bytes_per_chip"]
+    assert row["total_bytes"] == (row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"]
+                                  + row["temp_bytes"] + row["generated_code_bytes"])
+    assert row["temp_bytes"] > 0 and row["compile_s"] > 0
+    assert row["fits"] is None and row["chip_memory_bytes"] is None  # a CPU reports no limit
+    assert "   1 x 8  " in plan.format_table([row])
+
+
+def test_variants_cover_every_combination_with_typed_values():
+    config = small_config()
+    rows = list(plan.variants(config, ["remat=none,full", "batch_per_chip=2,4",
+                                       "model.scan=false", "mesh.fsdp=4"], num_devices=8))
+    assert len(rows) == 4
+    labels = [label for label, _ in rows]
+    assert labels[0] == {"remat": "none", "batch_per_chip": "2", "model.scan": "false",
+                         "mesh.fsdp": "4"}
+    for label, c in rows:
+        assert c.remat == label["remat"]
+        assert c.global_batch_size == 8 * int(label["batch_per_chip"])
+        assert c.model.scan is False and c.mesh.fsdp == 4
+    assert config.remat == "none" and config.model.scan is True  # the base is untouched
+
+    with pytest.raises(ValueError, match="no field 'model.depthh'"):
+        list(plan.variants(config, ["model.depthh=3"], 8))
+    with pytest.raises(ValueError, match="expected true or false"):
+        list(plan.variants(config, ["model.scan=maybe"], 8))
+    with pytest.raises(ValueError, match="expected FIELD=V1,V2"):
+        list(plan.variants(config, ["remat"], 8))
+
+
+def test_data_spec_follows_the_config():
+    config = small_config()
+    assert plan.data_spec(config).latent_shape == (8, 8, 1)
+    config.data.builtin, config.resolution = "", 512
+    spec = plan.data_spec(config)
+    assert spec.latent_shape == (64, 64, 4) and spec.num_classes == 1000
+    config.data.builtin = "cifar"
+    with pytest.raises(ValueError, match="config.data.builtin='cifar'"):
+        plan.data_spec(config)
+
+
+def test_chip_memory_comes_from_the_device_or_the_table():
+    class Compiled:
+        device_kind = "TPU v5 lite"
+
+        def memory_stats(self):
+            raise RuntimeError("compile-only device")
+
+    assert plan.chip_memory_bytes(Compiled()) == int(15.75 * 2**30)
+    assert plan.chip_memory_bytes(jax.devices()[0]) is None
+
+
+@pytest.mark.slow
+def test_plan_cli_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
+         "--cpu_devices=4", "--config.mesh.fsdp=2", "--vary=remat=none,full",
+         f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "target: 4 x cpu" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [r["remat"] for r in rows] == ["none", "full"]
+    assert all(r["mesh"] == {"data": 2, "fsdp": 2} and r["batch_per_chip"] == 16 for r in rows)
+    # Rematerializing every block keeps fewer activations for the backward pass.
+    assert rows[1]["temp_bytes"] < rows[0]["temp_bytes"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="compiling for a TPU topology needs libtpu (pip install libtpu)")
+def test_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
+    env = dict(os.environ)
+    env.pop("JAX_PLATFORMS", None)
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
+         "--topology=v5e:2x2", "--config.mesh.fsdp=2", f"--json={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["device"] == "TPU v5 lite" and row["chips"] == 4
+    assert row["chip_memory_bytes"] == int(15.75 * 2**30) and row["fits"] is True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed")
+def test_topology_without_libtpu_says_what_to_install():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
+         "--topology=v5e:2x2"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert f"pip install --target DIR '{plan.libtpu_requirement()}'" in proc.stderr
+    assert plan.libtpu_requirement().startswith("libtpu")
+
+
+def test_compiler_out_of_memory_becomes_a_row():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+               "temporaries (33.21G) exceeds available HBM (31.25G).\n  detail")
+    fields = plan.out_of_memory_fields(message)
+    assert fields["fits"] is False and "\n" not in fields["error"]
+    assert fields["temp_needed_bytes"] == int(33.21 * 2**30)
+    assert plan.out_of_memory_fields("INVALID_ARGUMENT: bad shape") is None
