@@ -105,7 +105,8 @@ def test_plan_cli_prints_the_table_and_writes_json(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="compiling for a TPU topology needs libtpu (pip install libtpu)")
+                    reason="compiling for a TPU topology needs libtpu beside the environment "
+                    "(dico_jax.tools.plan names the pip command)")
 def test_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
     env = dict(os.environ)
     env.pop("JAX_PLATFORMS", None)
