@@ -142,7 +142,6 @@ def test_modulated_layer_norm_gradient_matches_autodiff(dtype, tol):
         assert err < tol, f"d{name}: relative error {err:.2e}"
 
 
-
 def test_gelu_value_and_gradient_match_exact_erf_gelu():
     x = jnp.linspace(-9.0, 9.0, 2001)
     ref_y, ref_vjp = jax.vjp(lambda v: jax.nn.gelu(v, approximate=False), x)
@@ -157,6 +156,7 @@ def test_gelu_value_and_gradient_match_exact_erf_gelu():
     np.testing.assert_allclose(np.asarray(yb, np.float32),
                                jax.nn.gelu(xb.astype(jnp.float32), approximate=False),
                                rtol=8e-3, atol=1e-6)
+
 
 def test_timestep_embedding_formula():
     t = jnp.array([0.0, 1.0, 999.0])
