@@ -177,10 +177,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
         return jnp.mean(terms["loss"]), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay),
-                              state.ema_params, params)
+    with jax.named_scope("optimizer"):  # names the kernels in profiles and tools/roofline
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("ema"):
+        ema_params = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay),
+                                  state.ema_params, params)
     metrics = {
         "loss": loss,
         "mse": jnp.mean(terms["mse"]),

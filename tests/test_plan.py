@@ -93,15 +93,22 @@ def test_plan_cli_prints_the_table_and_writes_json(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
-         "--cpu_devices=4", "--config.mesh.fsdp=2", "--vary=remat=none,full",
+         "--cpu_devices=4", "--config.mesh.fsdp=2", "--vary=remat=none,full", "--breakdown",
          f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "target: 4 x cpu" in proc.stdout
+    assert "target: 4 x cpu" in proc.stdout and "img/s <=" in proc.stdout
     rows = json.loads(out.read_text())
     assert [r["remat"] for r in rows] == ["none", "full"]
     assert all(r["mesh"] == {"data": 2, "fsdp": 2} and r["batch_per_chip"] == 16 for r in rows)
-    # Rematerializing every block keeps fewer activations for the backward pass.
+    # Rematerializing every block keeps fewer activations for the backward pass, and runs
+    # the forward pass again in the backward one.
     assert rows[1]["temp_bytes"] < rows[0]["temp_bytes"]
+    assert rows[1]["step_flops"] > rows[0]["step_flops"] > 0
+    # FSDP gathers parameters and reduces gradients: collectives, counted apart from HBM.
+    assert all(r["step_hbm_bytes"] > 0 and r["step_collective_bytes"] > 0 for r in rows)
+    # No peaks known for a CPU: FLOPs and bytes, but no bound.
+    assert all("bound_images_per_s" not in r for r in rows)
+    assert "matmul & conv" in proc.stdout and "layer norm" in proc.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -130,6 +137,48 @@ def test_topology_without_libtpu_says_what_to_install():
     assert proc.returncode == 1
     assert f"pip install --target DIR '{plan.libtpu_requirement()}'" in proc.stderr
     assert plan.libtpu_requirement().startswith("libtpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason="compiling for GPUs without one needs JAX's CUDA plugin beside the "
+                    "environment (dico_jax.tools.plan names the pip command)")
+def test_plan_for_gpus_without_a_gpu(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
+         "--topology=h100:2", "--config.mesh.fsdp=2", "--config.dtype=bfloat16", "--breakdown",
+         f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["device"] == "NVIDIA H100 80GB HBM3" and row["chips"] == 2
+    assert row["chip_memory_bytes"] == int(81559 * 2**20 * 0.75) and row["fits"] is True
+    assert row["bound_images_per_s"] > 0 and 0 < row["bound_mfu"] <= 1
+    assert row["step_collective_bytes"] > 0
+    assert "at most" in proc.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None,
+                    reason="JAX's CUDA plugin is installed")
+def test_gpu_topology_without_the_plugin_says_what_to_install():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
+         "--topology=h200"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    packages = " ".join(f"'{r}'" for r in plan.cuda_plugin_requirements())
+    assert f"pip install --no-deps --target DIR {packages}" in proc.stderr
+    assert plan.cuda_plugin_requirements()[0] == f"jax-cuda12-plugin=={jax.__version__}"
+
+
+def test_gpu_targets_describe_the_chip():
+    text = plan.gpu_target_config("h200")
+    assert 'device_description_str: "NVIDIA H200"' in text
+    assert f"device_memory_size: {143771 * 2**20}" in text
+    assert "memory_bandwidth: 4800000000000" in text
+    with pytest.raises(ValueError, match="h200:N"):
+        plan.target_devices("h200:x")
 
 
 def test_compiler_out_of_memory_becomes_a_row():

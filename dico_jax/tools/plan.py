@@ -1,18 +1,25 @@
 """Ahead-of-time plan of a training run: its sharded train step compiled, not run.
 
     python -m dico_jax.tools.plan --config=configs/dico.py:XL --topology=v5p:2x2x1 \
-        --vary=batch_per_chip=32,64 --vary=remat=none,dots,full [--json=plan.json]
+        --vary=batch_per_chip=32,64 --vary=remat=none,dots,full [--breakdown] [--json=plan.json]
 
 Builds the train step exactly as `dico_jax.main` would for the config (mesh, FSDP shardings,
 donated state, AdamW, EMA) from abstract shapes, compiles it for the target chips and prints,
 per chip: the train state as sharded, XLA's temporaries (forward, backward, optimizer, EMA),
-the total against the chip's memory, and the compile time. Nothing is allocated.
+the total against the chip's memory, and the compile time. Nothing is allocated. From the
+compiled program it also reads the step's FLOPs, HBM traffic and kernel launches and, on a
+chip whose peaks it knows, the roofline bound on images per second (`tools/roofline.py`;
+--breakdown prints it per part of the model).
 
-The target is this host's devices, or with --topology a Cloud TPU slice (for example
-v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2) compiled by XLA's TPU compiler through libtpu, which
-needs no TPU. On a TPU VM libtpu is there; elsewhere install the version JAX pins beside the
-environment (`pip install --target DIR 'libtpu==...'`, then `PYTHONPATH=DIR`; the tool names
-the pin), so that JAX itself keeps running on this host's CPU.
+The target is this host's devices or, with --topology, chips this host need not have:
+- a Cloud TPU slice (v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2), compiled by XLA's TPU compiler
+  in libtpu, which needs no TPU. On a TPU VM libtpu is there; elsewhere install the version
+  JAX pins beside the environment (`pip install --target DIR 'libtpu==...'`, then
+  `PYTHONPATH=DIR`; the tool names the pin), so that JAX itself keeps running on the CPU;
+- NVIDIA GPUs (h100, h200, or h200:8 for eight in one host), compiled by XLA:GPU from the
+  chip's description, with no GPU and no CUDA driver: install JAX's CUDA plugin beside the
+  environment the same way (the tool names the two packages). The compiler cannot autotune
+  without the chip, so its kernel choices are its defaults.
 The memory figures are the compiler's buffer assignment for that target; a CPU plan is not a
 TPU or GPU plan (XLA:CPU computes bf16 in fp32 and fuses differently).
 """
@@ -41,6 +48,7 @@ from dico_jax import sharding as sharding_lib
 from dico_jax import train
 from dico_jax.data import digits, records
 from dico_jax.diffusion import create_diffusion
+from dico_jax.tools import roofline
 
 GIB = 2**30
 
@@ -54,15 +62,29 @@ CHIP_MEMORY_GIB = {
     "TPU v6 lite": 31.25,  # v6e
 }
 
+# NVIDIA GPUs as XLA:GPU needs them described to compile without the device: SM count and
+# limits of compute capability 9.0, boost clock, L2, and HBM (bandwidth from NVIDIA's
+# datasheets; size as the driver reports it). CUDA 12.9 and cuDNN 9.8 are what JAX's CUDA 12
+# plugin runs with.
+GPU_TARGETS = {
+    "h100": {"name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "bandwidth": 3.35e12},
+    "h200": {"name": "NVIDIA H200", "memory_mib": 143771, "bandwidth": 4.8e12},
+}
+# JAX hands its GPU allocator this share of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
+# says otherwise (or preallocation is off).
+GPU_MEMORY_FRACTION = 0.75
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (file.py[:arg]).",
                                 lock_config=True)
-flags.DEFINE_string("topology", None, "Cloud TPU slice to compile for, e.g. v5p:2x2x1 "
-                    "(needs libtpu); default: this host's devices.")
+flags.DEFINE_string("topology", None, "Chips to compile for: a Cloud TPU slice, e.g. "
+                    "v5p:2x2x1 (needs libtpu), or NVIDIA GPUs: h100, h200, h200:8 (needs JAX's "
+                    "CUDA plugin, no GPU); default: this host's devices.")
 flags.DEFINE_multi_string("vary", [], "FIELD=V1,V2,...: one row per value (every combination "
                           "when repeated). FIELD is a config path (remat, mesh.fsdp, "
                           "model.scan, ...) or batch_per_chip.")
 flags.DEFINE_integer("cpu_devices", 0, "On the CPU backend, fake this many devices.")
+flags.DEFINE_bool("breakdown", False, "Also print each row's roofline per part of the model.")
 flags.DEFINE_string("json", None, "Also write the rows here.")
 flags.mark_flags_as_required(["config"])
 
@@ -86,6 +108,8 @@ def data_spec(config: ml_collections.ConfigDict) -> types.SimpleNamespace:
 def target_devices(topology: str | None) -> list:
     if not topology:
         return list(jax.devices())
+    if topology.partition(":")[0] in GPU_TARGETS:
+        return gpu_devices(topology)
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError(
             f"--topology={topology} compiles with XLA's TPU compiler, which comes with libtpu "
@@ -103,7 +127,57 @@ def target_devices(topology: str | None) -> list:
                                                  **options).devices)
     except Exception as e:
         raise ValueError(f"--topology={topology!r}: libtpu could not describe it ({e}); "
-                         "names look like v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2") from e
+                         "names look like v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2, h100, "
+                         "h200:8") from e
+
+
+def gpu_target_config(gpu: str) -> str:
+    """The GpuTargetConfig text XLA:GPU compiles from when it has no device to ask."""
+    spec = GPU_TARGETS[gpu]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448
+  threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  memory_bandwidth: {int(spec['bandwidth'])} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {spec['memory_mib'] * 2**20}
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 9 }}
+device_description_str: "{spec['name']}"
+"""
+
+
+def cuda_plugin_requirements() -> list[str]:
+    """JAX's CUDA 12 plugin packages at this JAX's version."""
+    return [f"jax-cuda12-plugin=={jax.__version__}", f"jax-cuda12-pjrt=={jax.__version__}"]
+
+
+def gpu_devices(topology: str) -> list:
+    gpu, _, count = topology.partition(":")
+    if count and not count.isdigit():
+        raise ValueError(f"--topology={topology!r}: expected {gpu} or {gpu}:N (N GPUs in one host)")
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        packages = " ".join(f"'{r}'" for r in cuda_plugin_requirements())
+        raise RuntimeError(
+            f"--topology={topology} compiles with XLA:GPU from JAX's CUDA plugin (no GPU or "
+            f"driver needed). Install it apart from the environment so that JAX keeps running "
+            f"on the CPU here: pip install --no-deps --target DIR {packages}, then "
+            f"PYTHONPATH=DIR python -m dico_jax.tools.plan ...")
+    from jax.experimental import topologies
+
+    # The plugin checks the local CUDA installation before it registers; with no GPU there
+    # is nothing to check, only a chip to describe.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    try:
+        return list(topologies.get_topology_desc(
+            platform="cuda", target_config=gpu_target_config(gpu),
+            topology=f"1x1x{int(count or 1)}").devices)
+    except Exception as e:
+        raise RuntimeError(f"--topology={topology!r}: XLA:GPU could not describe it ({e})") from e
 
 
 def libtpu_requirement() -> str:
@@ -133,12 +207,17 @@ def _prepare_libtpu_off_tpu(topology: str) -> None:
 
 
 def chip_memory_bytes(device) -> int | None:
+    """Memory a program may use on the device: what it reports, else the tables above."""
     try:
         limit = (device.memory_stats() or {}).get("bytes_limit")
     except Exception:  # compile-only devices have no runtime
         limit = None
     if limit:
         return int(limit)
+    gpu = next((v for v in GPU_TARGETS.values() if v["name"] == device.device_kind), None)
+    if gpu is not None:
+        fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
+        return int(gpu["memory_mib"] * 2**20 * fraction)
     gib = CHIP_MEMORY_GIB.get(device.device_kind)
     return None if gib is None else int(gib * GIB)
 
@@ -236,6 +315,8 @@ def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -
         row.update(fields, compile_s=time.perf_counter() - t0)
         return row
     row["compile_s"] = time.perf_counter() - t0
+    row.update(step_roofline(compiled.as_text(), devices[0].device_kind, config.dtype,
+                             row["batch_per_chip"]))
     mem = compiled.memory_analysis()
     if mem is None:
         row["fits"] = None
@@ -250,23 +331,42 @@ def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -
     return row
 
 
+def step_roofline(hlo_text: str, device_kind: str, dtype: str, batch_per_chip: float) -> dict:
+    """Per chip and step: FLOPs, HBM bytes, launches and, for a known chip, the roofline
+    bound (`tools/roofline.py`), as row fields."""
+    peaks = roofline.chip_peaks(device_kind, dtype)
+    summary = roofline.summarize(roofline.kernels(hlo_text), *(peaks or (None, None)))
+    fields = {"step_flops": summary["flops"], "step_hbm_bytes": summary["hbm_bytes"],
+              "step_launches": summary["launches"],
+              "step_collective_bytes": summary["collective_bytes"], "roofline": summary}
+    if "bound_s" in summary:
+        fields["bound_images_per_s"] = batch_per_chip / summary["bound_s"]
+        fields["bound_mfu"] = summary["flops"] / summary["bound_s"] / peaks[0]
+    return fields
+
+
 def format_table(rows: Sequence[dict]) -> str:
     def gib(b):
         return "-" if b is None else f"{b / GIB:.2f}"
 
     head = (f"{'model':8} {'res':>4} {'dtype':9} {'remat':13} {'blocks':6} {'mesh d x f':10} "
-            f"{'batch/chip':>10} {'state':>6} {'temp':>6} {'total':>6} {'chip':>5} {'fits':5} "
-            f"{'compile s':>9}")
+            f"{'batch/chip':>10} {'state':>6} {'temp':>6} {'total':>6} {'chip':>6} {'fits':5} "
+            f"{'compile s':>9} {'TFLOP':>6} {'HBM GB':>7} {'img/s <=':>8}")
     lines = [head]
     for r in rows:
         fits = {True: "yes", False: "NO", None: "?"}[r.get("fits")]
+        flops, traffic, bound = (r.get("step_flops"), r.get("step_hbm_bytes"),
+                                 r.get("bound_images_per_s"))
         lines.append(
             f"{r['model']:8} {r['resolution']:>4} {r['dtype']:9} {r['remat']:13} "
             f"{'scan' if r['scan'] else 'loop':6} {r['mesh']['data']:>4} x {r['mesh']['fsdp']:<3} "
             f"{r['batch_per_chip']:>10g} {gib(r['state_bytes_per_chip']):>6} "
             f"{gib(r.get('temp_bytes', r.get('temp_needed_bytes'))):>6} "
             f"{gib(r.get('total_bytes')):>6} "
-            f"{gib(r['chip_memory_bytes']):>5} {fits:5} {r['compile_s']:9.1f}")
+            f"{gib(r['chip_memory_bytes']):>6} {fits:5} {r['compile_s']:9.1f} "
+            f"{'-' if flops is None else f'{flops / 1e12:.2f}':>6} "
+            f"{'-' if traffic is None else f'{traffic / 1e9:.1f}':>7} "
+            f"{'-' if bound is None else f'{bound:.0f}':>8}")
         if r.get("error"):
             lines.append(f"    compiler: {r['error'][:300]}")
     return "\n".join(lines)
@@ -292,8 +392,14 @@ def main(argv):
         print(f"planned {label or 'the config'}: {row['compile_s']:.0f} s", flush=True)
     kind = devices[0].device_kind
     print(f"target: {len(devices)} x {kind} ({FLAGS.topology or jax.default_backend()}), "
-          f"jax {jax.__version__}; GiB per chip")
+          f"jax {jax.__version__}; memory in GiB per chip; TFLOP, HBM GB and the roofline "
+          f"bound on img/s per chip and step")
     print(format_table(rows))
+    if FLAGS.breakdown:
+        for r in rows:
+            if "roofline" in r:
+                print(f"\nroofline per chip and step, {r['vary'] or 'the config'}:")
+                print(roofline.format_parts(r["roofline"], r["batch_per_chip"]))
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,0 +1,375 @@
+"""What bounds a compiled step, read from the program the compiler wrote for the chip.
+
+XLA's optimized HLO lists every kernel a step launches: its fusions (each one pass over
+memory), library calls (cuBLAS, cuDNN) and copies, with loop trip counts. For each kernel this
+module counts the floating-point work of its matmuls and convolutions and the bytes it moves
+to and from HBM (operands read once, results written once; a loop's slice of a stacked buffer
+counts as the slice, an in-place update as the update). A kernel cannot finish sooner than
+max(FLOPs / peak FLOP/s, bytes / HBM bandwidth); the sum over kernels bounds the step from
+below, so `batch / bound` bounds images per second from above.
+
+It is a bound, not a measurement: real kernels reach 60-90% of peak, on-chip caches can save
+some traffic, launches cost a few microseconds each, and collectives (counted apart) overlap
+or not. What it is good for: where the bytes and FLOPs go, and which change of formulation
+removes them, compared on the same compiler's output without the chip.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Iterable, Sequence
+
+# Dense bf16 matmul peak (FLOP/s) and HBM bandwidth (bytes/s) per chip, by JAX device_kind.
+# FLOP/s as the project measures MFU; bandwidth from NVIDIA's H100 SXM / H200 and Google
+# Cloud's TPU datasheets.
+CHIP_PEAKS = {
+    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),
+    "NVIDIA H200": (989e12, 4.8e12),
+    "TPU v4": (275e12, 1.2e12),
+    "TPU v5 lite": (197e12, 0.819e12),  # v5e
+    "TPU v5": (459e12, 2.765e12),  # v5p
+    "TPU v6 lite": (918e12, 1.64e12),  # v6e
+}
+
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+          "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
+          "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+         "partition-id", "replica-id", "opt-barrier", "add-dependency", "iota"}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                "collective-permute", "collective-broadcast")
+# Pieces of a kernel's source op name that say which part of the model it belongs to; the
+# first found wins (scopes nest: dico_block/modulated_layer_norm is the layer norm).
+_PARTS = (("modulated_layer_norm", "layer norm"), ("depthwise3x3", "depthwise 3x3"),
+          ("channel_attention", "channel attention"), ("gelu", "GELU"),
+          ("optimizer", "optimizer & EMA"), ("/ema/", "optimizer & EMA"),
+          ("dico_block", "block other"),
+          ("dynamic_update_slice", "scan stacking"), ("dynamic_slice", "scan stacking"),
+          ("training_losses", "loss"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    name: str
+    opcode: str
+    launches: int  # per step: the trip counts of the loops around it, multiplied
+    flops: float  # per launch
+    bytes: float  # HBM bytes read + written per launch
+    source: str  # the op_name metadata JAX wrote (scopes of the traced function)
+    fill: bool = False  # writes a broadcast constant only (a buffer being zeroed)
+    collective: bool = False
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: list
+    attrs: str
+
+
+def array_bytes(shape: str) -> float:
+    """Bytes of every array in an HLO shape string, e.g. '(bf16[2,3]{1,0}, f32[4])' -> 28."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _BYTES[dtype]
+    return total
+
+
+def _dims(shape: str) -> list[int]:
+    m = _ARRAY.search(shape)
+    return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+
+
+def _close(text: str, start: int) -> int:
+    """Index of the parenthesis closing the one at `start`."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ValueError(f"unbalanced parentheses in HLO: {text[:120]}")
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[_Instr]], str]:
+    """HLO module text -> ({computation: instructions}, entry computation name)."""
+    computations: dict[str, list[_Instr]] = {}
+    current, entry = None, None
+    for line in text.splitlines():
+        if line.endswith("{") and not line.startswith(" ") and "%" in line:
+            name = line.split("%", 1)[1].split(" ", 1)[0]
+            current = computations[name] = []
+            if line.startswith("ENTRY"):
+                entry = name
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        body = line.strip()
+        if current is None or " = " not in body:
+            continue
+        body = body.removeprefix("ROOT ")
+        if not body.startswith("%"):
+            continue
+        name, rest = body[1:].split(" = ", 1)
+        if rest.startswith("("):
+            end = _close(rest, 0)
+            shape, rest = rest[:end + 1], rest[end + 2:]
+        else:
+            shape, _, rest = rest.partition(" ")
+        open_ = rest.find("(")
+        if open_ < 0:
+            continue
+        close = _close(rest, open_)
+        current.append(_Instr(name, shape, rest[:open_], re.findall(r"%([\w.\-]+)",
+                                                                    rest[open_:close + 1]),
+                              rest[close + 1:]))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return computations, entry
+
+
+def _conv_flops(out_shape: str, filter_shape: str, attrs: str) -> float:
+    """2 x output elements x (window x input features) of one convolution."""
+    labels = re.search(r"dim_labels=\w+_(\w+)->", attrs)
+    filt = _dims(filter_shape)
+    if not labels or len(labels.group(1)) != len(filt):
+        return 0.0
+    per_output = 1
+    for label, size in zip(labels.group(1), filt):
+        if label.isdigit() or label == "i":
+            per_output *= size
+    n = 1
+    for d in _dims(out_shape):
+        n *= d
+    return 2.0 * n * per_output
+
+
+def _dot_flops(out_shape: str, lhs_shape: str, contracting: Sequence[int]) -> float:
+    lhs, n = _dims(lhs_shape), 1
+    for d in _dims(out_shape):
+        n *= d
+    for d in contracting:
+        n *= lhs[d]
+    return 2.0 * n
+
+
+def _instr_flops(ins: _Instr, table: dict[str, _Instr],
+                 computations: dict[str, list[_Instr]]) -> float:
+    shape_of = lambda i: table[ins.operands[i]].shape if ins.operands[i] in table else ""
+    if ins.opcode == "dot":
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
+        return _dot_flops(ins.shape, shape_of(0),
+                          [int(d) for d in filter(None, m.group(1).split(","))] if m else [])
+    if ins.opcode == "convolution":
+        return _conv_flops(ins.shape, shape_of(1), ins.attrs)
+    if ins.opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
+        target = target.group(1) if target else ""
+        if target.startswith("__cudnn$conv"):
+            # Operands and result by role: forward (x, w) -> y; backward input (dy, w) -> dx;
+            # backward filter (x, dy) -> dw. The work is that of the forward conv.
+            result = ins.shape
+            if "BackwardInput" in target:
+                return _conv_flops(shape_of(0), shape_of(1), ins.attrs)
+            if "BackwardFilter" in target:
+                return _conv_flops(shape_of(1), result, ins.attrs)
+            return _conv_flops(result, shape_of(1), ins.attrs)
+        if target.startswith("__cublas"):
+            m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
+            dims = [int(d.strip('"')) for d in m.group(1).split(",") if d] if m else []
+            return _dot_flops(ins.shape, shape_of(0), dims)
+    if ins.opcode == "fusion":
+        called = re.search(r"calls=%([\w.\-]+)", ins.attrs)
+        body = computations.get(called.group(1), []) if called else []
+        inner = {i.name: i for i in body}
+        return sum(_instr_flops(i, inner, computations) for i in body)
+    return 0.0
+
+
+def _fusion_bytes(body: list[_Instr]) -> float:
+    """Reads of each parameter (only the slices where it is only sliced; nothing where it is
+    only updated in place) plus writes of each result (the update, for an in-place one)."""
+    table = {i.name: i for i in body}
+    users = collections.defaultdict(list)
+    for i in body:
+        for o in i.operands:
+            users[o].append(i)
+
+    def sliced_reads(name: str) -> float | None:
+        total = 0.0
+        for user in users[name]:
+            if user.opcode in ("bitcast", "reshape"):
+                inner = sliced_reads(user.name)
+                if inner is None:
+                    return None
+                total += inner
+            elif user.opcode in ("slice", "dynamic-slice") and user.operands[0] == name:
+                total += array_bytes(user.shape)
+            elif user.opcode == "dynamic-update-slice" and user.operands[0] == name:
+                pass
+            else:
+                return None
+        return total
+
+    reads = 0.0
+    for p in body:
+        if p.opcode == "parameter":
+            full = array_bytes(p.shape)
+            sliced = sliced_reads(p.name)
+            reads += full if sliced is None else min(sliced, full)
+    root = body[-1]
+    writes = 0.0
+    for out in ([table[o] for o in root.operands if o in table] if root.opcode == "tuple"
+                else [root]):
+        while out.opcode in ("bitcast", "reshape") and out.operands[0] in table:
+            out = table[out.operands[0]]
+        if out.opcode == "dynamic-update-slice" and out.operands[1] in table:
+            writes += array_bytes(table[out.operands[1]].shape)
+        else:
+            writes += array_bytes(out.shape)
+    return reads + writes
+
+
+def _is_fill(body: list[_Instr]) -> bool:
+    """Only broadcasts of a constant or a scalar (and copies of them) into the results."""
+    return bool(body) and all(
+        i.opcode in ("constant", "broadcast", "bitcast", "copy", "tuple")
+        or (i.opcode == "parameter" and array_bytes(i.shape) <= 8) for i in body)
+
+
+def kernels(hlo_text: str) -> list[Kernel]:
+    """The kernels of one execution of a compiled module (`compiled.as_text()`)."""
+    computations, entry = parse_hlo(hlo_text)
+    found: list[Kernel] = []
+
+    def walk(name: str, launches: int) -> None:
+        body = computations.get(name, [])
+        table = {i.name: i for i in body}
+        for ins in body:
+            if ins.opcode in _FREE or ins.opcode.endswith("-done"):
+                continue
+            if ins.opcode == "while":
+                loop = re.search(r"body=%([\w.\-]+)", ins.attrs).group(1)
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+                walk(loop, launches * (int(trips.group(1)) if trips else 1))
+                continue
+            if ins.opcode in ("call", "async-start") or ins.opcode == "conditional":
+                for callee in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%([\w.\-]+)",
+                                         ins.attrs):
+                    walk(callee, launches)
+                continue
+            operand_bytes = [array_bytes(table[o].shape) for o in ins.operands if o in table]
+            fill = False
+            if ins.opcode == "fusion":
+                called = re.search(r"calls=%([\w.\-]+)", ins.attrs)
+                fused = computations.get(called.group(1), []) if called else []
+                moved = _fusion_bytes(fused) if fused else sum(operand_bytes) + array_bytes(ins.shape)
+                fill = _is_fill(fused)
+            elif ins.opcode == "dynamic-update-slice":
+                moved = 2 * (operand_bytes[1] if len(operand_bytes) > 1 else 0.0)
+            elif ins.opcode == "dynamic-slice":
+                moved = 2 * array_bytes(ins.shape)
+            else:
+                moved = sum(operand_bytes) + array_bytes(ins.shape)
+            source = re.search(r'op_name="([^"]*)"', ins.attrs)
+            found.append(Kernel(
+                name=ins.name, opcode=ins.opcode, launches=launches,
+                flops=_instr_flops(ins, table, computations), bytes=moved,
+                source=source.group(1) if source else "", fill=fill,
+                collective=ins.opcode.removesuffix("-start") in _COLLECTIVES))
+    walk(entry, 1)
+    return found
+
+
+def part(kernel: Kernel) -> str:
+    """The model part a kernel belongs to, from its source op name."""
+    if kernel.collective:
+        return "collectives"
+    if kernel.flops:
+        return "matmul & conv"
+    if kernel.fill:
+        return "buffer fill"
+    for piece, label in _PARTS:
+        if piece in kernel.source:
+            return label
+    return "other"
+
+
+def direction(kernel: Kernel) -> str:
+    """fwd or bwd (JAX names the backward pass transpose(jvp(...))); '' outside the model."""
+    if "transpose(" in kernel.source:
+        return "bwd"
+    return "fwd" if "jvp(" in kernel.source else ""
+
+
+def kernel_seconds(kernel: Kernel, peak_flops: float, bandwidth: float) -> float:
+    return max(kernel.flops / peak_flops, kernel.bytes / bandwidth) * kernel.launches
+
+
+def summarize(found: Iterable[Kernel], peak_flops: float | None = None,
+              bandwidth: float | None = None) -> dict:
+    """Totals per step (collectives apart) and, given the chip's peaks, the bound in seconds
+    and per part of the model."""
+    found = list(found)
+    local = [k for k in found if not k.collective]
+    out = {
+        "launches": sum(k.launches for k in local),
+        "flops": sum(k.flops * k.launches for k in local),
+        "hbm_bytes": sum(k.bytes * k.launches for k in local),
+        "collective_bytes": sum(k.bytes * k.launches for k in found if k.collective),
+    }
+    parts: dict = collections.defaultdict(lambda: {"launches": 0, "flops": 0.0, "bytes": 0.0,
+                                                   "seconds": 0.0})
+    for k in local:
+        p = parts[(part(k), direction(k))]
+        p["launches"] += k.launches
+        p["flops"] += k.flops * k.launches
+        p["bytes"] += k.bytes * k.launches
+        if peak_flops and bandwidth:
+            p["seconds"] += kernel_seconds(k, peak_flops, bandwidth)
+    if peak_flops and bandwidth:
+        out["bound_s"] = sum(p["seconds"] for p in parts.values())
+        out["flops_s"] = out["flops"] / peak_flops
+        out["bytes_s"] = out["hbm_bytes"] / bandwidth
+    out["parts"] = [{"part": name, "pass": pass_, **vals} for (name, pass_), vals in
+                    sorted(parts.items(), key=lambda kv: -(kv[1]["seconds"] or kv[1]["bytes"]))]
+    return out
+
+
+def chip_peaks(device_kind: str, dtype: str) -> tuple[float, float] | None:
+    """(matmul FLOP/s, HBM bytes/s) for the compute dtype: fp32 matmuls on these GPUs run as
+    TF32 on the tensor cores at half the bf16 rate; TPUs run them as bf16 passes."""
+    peaks = CHIP_PEAKS.get(device_kind)
+    if peaks is None:
+        return None
+    flops, bandwidth = peaks
+    if dtype == "float32" and device_kind.startswith("NVIDIA"):
+        flops /= 2
+    return flops, bandwidth
+
+
+def format_parts(summary: dict, batch: int) -> str:
+    """The per-part table of one summary: launches, TFLOP, GB and bound ms per step."""
+    lines = [f"{'part':18} {'pass':4} {'launches':>8} {'TFLOP':>7} {'HBM GB':>8} "
+             f"{'bound ms':>8} {'share':>6}"]
+    total = summary.get("bound_s")
+    for p in summary["parts"]:
+        share = f"{100 * p['seconds'] / total:5.1f}%" if total else "-"
+        lines.append(f"{p['part']:18} {p['pass']:4} {p['launches']:>8} {p['flops'] / 1e12:7.2f} "
+                     f"{p['bytes'] / 1e9:8.2f} {1e3 * p['seconds']:8.2f} {share:>6}")
+    if total:
+        lines.append(f"{'step':18} {'':4} {summary['launches']:>8} {summary['flops'] / 1e12:7.2f} "
+                     f"{summary['hbm_bytes'] / 1e9:8.2f} {1e3 * total:8.2f}  "
+                     f"-> at most {batch / total:.0f} img/s")
+    return "\n".join(lines)
+
