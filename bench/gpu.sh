@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark as one command: DiCo-XL train/forward/sampler in bf16 and fp32 against the
-# PyTorch reference, a profile of the bf16 train step, and the depthwise and batch variants.
+# PyTorch reference, a profile of the bf16 train step (with its roofline bound beside the
+# measured device time), and the loop, fill, remat and depthwise variants.
 #
 #   OUT=results bash bench/gpu.sh [BUDGET_S]
 #
@@ -49,6 +50,10 @@ run() {
 P=/tmp/dico_profile
 run bf16 200 --dtypes bfloat16 --depthwise conv --torch --profile $P
 run bf16_loop 150 --dtypes bfloat16 --depthwise conv --unrolled --parts train --profile $P
+# XLA's pass (off by default) that skips zero-filling the scan's stacked residuals, which the
+# roofline (dico_jax.tools.roofline) counts at 13 GB of the step's 393 GB at batch 64.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dus_accumulator_zero_init_elimination=true" \
+  run bf16_nofill 80 --dtypes bfloat16 --depthwise conv --parts train
 run bf16_dots 80 --dtypes bfloat16 --depthwise conv --remat dots --parts train --profile $P
 run bf16_shift 80 --dtypes bfloat16 --depthwise shift --parts train
 run fp32 150 --dtypes float32 --depthwise conv --torch

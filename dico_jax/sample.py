@@ -28,6 +28,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from dico_jax import host_memory
 from dico_jax.convert.checkpoints import model_kwargs, resolve_checkpoint_path
+from dico_jax.data import spec as data_spec
 from dico_jax.diffusion import create_diffusion, guided_model_fn
 
 BATCH_AXIS = "batch"
@@ -39,43 +40,25 @@ _PART = "batch_{:05d}.npz"
 # What to sample from.
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageSpace:
-    """Shape of what the network generates, and how it becomes pixels."""
-
-    latent_shape: tuple[int, int, int]  # (H, W, C) the network denoises
-    vae: bool  # True: SD-VAE latents to decode; False: pixels in [-1, 1]
-    scale_factor: float  # latents were multiplied by this before training
-
-
-def image_space(config: Mapping[str, Any], workdir: str | None = None) -> ImageSpace:
-    """From the run's dataset manifest when it is readable, else the workdir's config.json,
-    else the config alone (built-in digits: pixels; anything else: SD-VAE latents, 1/8 size)."""
-    from dico_jax.models.vae import SD_VAE_SCALING_FACTOR
-
-    data = config.get("data", {})
-    resolution = int(config["resolution"])
-    channels = config["model"].get("in_channels") or 4
-    data_dir = data.get("dir") or ""
-    if data_dir and os.path.isfile(os.path.join(data_dir, "manifest.json")):
-        from dico_jax.data import records
-
-        manifest = records.read_manifest(data_dir)
-        vae = manifest.vae not in ("", "none")
-        return ImageSpace(tuple(manifest.latent_shape), vae, manifest.scale_factor if vae else 1.0)
+def image_space(config: Mapping[str, Any], workdir: str | None = None) -> data_spec.DataSpec:
+    """What the run's network generates: from its dataset manifest when that is readable,
+    else from the workdir's config.json (the latent shape training recorded), else from the
+    config alone (`dico_jax.data.spec`)."""
+    data_dir = config.get("data", {}).get("dir") or ""
+    has_manifest = data_dir and os.path.isfile(os.path.join(data_dir, "manifest.json"))
     run_record = os.path.join(workdir, "config.json") if workdir else ""
-    if run_record and os.path.isfile(run_record):
+    if not has_manifest and run_record and os.path.isfile(run_record):
         with open(run_record) as f:
             shape = json.load(f).get("latent_shape")
         if shape:
+            from dico_jax.models.vae import SD_VAE_SCALING_FACTOR
+
             # Training checks that the latents are 1/8 of the resolution (VAE) or equal (pixels).
-            vae = int(shape[0]) != resolution
-            return ImageSpace(tuple(int(d) for d in shape), vae,
-                              SD_VAE_SCALING_FACTOR if vae else 1.0)
-    if data.get("builtin") == "digits":
-        return ImageSpace((resolution, resolution, channels), False, 1.0)
-    size = resolution // 8
-    return ImageSpace((size, size, channels), True, SD_VAE_SCALING_FACTOR)
+            vae = int(shape[0]) != int(config["resolution"])
+            return data_spec.DataSpec(tuple(int(d) for d in shape),
+                                      int(config["model"]["num_classes"]), vae,
+                                      SD_VAE_SCALING_FACTOR if vae else 1.0)
+    return data_spec.from_config(config)
 
 
 @dataclasses.dataclass
@@ -222,7 +205,7 @@ def to_uint8_images(x: jax.Array, vae: Any = None, vae_params: Any = None,
     return jnp.clip(127.5 * x + 128.0, 0.0, 255.0).astype(jnp.uint8)
 
 
-def make_sampler(model: Any, space: ImageSpace, settings: Settings, mesh: jax.sharding.Mesh,
+def make_sampler(model: Any, space: data_spec.DataSpec, settings: Settings, mesh: jax.sharding.Mesh,
                  *, diffusion_config: Mapping[str, Any], vae: Any = None) -> Callable:
     """`sample(params, vae_params, labels, seed, batch_index) -> uint8 (B, H, W, C)`, jitted.
 

@@ -290,8 +290,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
 
 def check_data_matches_config(config: ml_collections.ConfigDict, manifest: Any,
                               data_dir: str) -> None:
+    from dico_jax.data import spec as data_spec
+
     h, w, c = manifest.latent_shape
-    downsample = 1 if manifest.vae in ("", "none") else 8
+    downsample = 1 if manifest.vae in ("", "none") else data_spec.SD_VAE_DOWNSAMPLE
     if h * downsample != config.resolution or w * downsample != config.resolution:
         raise ValueError(
             f"config.resolution={config.resolution} needs {config.resolution // downsample}^2 "

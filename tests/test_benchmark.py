@@ -7,7 +7,11 @@ from dico_jax.tools import benchmark, profile_summary
 
 
 @pytest.mark.slow
-def test_benchmark_row_and_profile(tmp_path):
+def test_benchmark_row_and_profile(tmp_path, monkeypatch, capsys):
+    from dico_jax.tools import roofline
+
+    # A CPU has no listed peaks; give it some so the roofline line of the profile runs.
+    monkeypatch.setattr(roofline, "chip_peaks", lambda kind, dtype: (1e12, 1e11))
     out = tmp_path / "rows.json"
     rows = benchmark.main(["--models", "DiCo-S", "--res", "8", "--batch", "2", "--repeats", "1",
                            "--depthwise", "shift", "--parts", "train",
@@ -25,6 +29,8 @@ def test_benchmark_row_and_profile(tmp_path):
         assert cats.get(name, {}).get("ms_per_step", 0) > 0, (name, cats)
     assert sum(c["share"] for c in cats.values()) == pytest.approx(1.0)
     assert profile["device_ms_per_step"] > 0
+    assert profile["roofline_bound_ms"] > 0
+    assert "roofline bound of this program" in capsys.readouterr().out
 
 
 def test_categorize_reads_scopes_and_op_kinds():

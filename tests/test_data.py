@@ -166,6 +166,32 @@ def test_digits_default_dir_uses_workdir(tmp_path):
     assert digits.default_digits_dir().endswith(os.path.join("dico_jax", "digits"))
 
 
+def test_data_spec_from_the_manifest_or_the_config(tmp_path):
+    from configs import default as default_config
+    from dico_jax.data import spec
+    from dico_jax.models.vae import SD_VAE_SCALING_FACTOR
+    from dico_jax.sample import image_space
+
+    config = default_config.get_config()
+    config.data.builtin, config.data.dir = "digits", ""
+    digits_spec = spec.DataSpec((8, 8, 1), 10, False, 1.0)
+    assert spec.from_config(config) == digits_spec
+    # The sampler's fallback (no manifest, no run record) agrees: one channel, not four.
+    assert image_space(config.to_dict()) == digits_spec
+    config.data.builtin, config.resolution = "", 512
+    assert spec.from_config(config) == spec.DataSpec((64, 64, 4), 1000, True,
+                                                     SD_VAE_SCALING_FACTOR)
+    config.model.in_channels = 16
+    assert spec.from_config(config).latent_shape == (64, 64, 16)
+    # A dataset directory's manifest wins over the config.
+    digits.build_digits_dataset(str(tmp_path))
+    config.data.dir = str(tmp_path)
+    assert spec.from_config(config) == digits_spec
+    config.data.dir, config.data.builtin = "", "cifar"
+    with pytest.raises(ValueError, match="config.data.builtin='cifar'"):
+        spec.from_config(config)
+
+
 # ----- the Grain pipeline -----
 
 def test_pipeline_epoch_is_a_fresh_permutation_with_labels_and_flips(tmp_path):

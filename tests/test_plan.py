@@ -43,6 +43,22 @@ def test_plan_splits_the_state_over_fsdp_and_adds_up_memory():
     assert "   1 x 8  " in plan.format_table([row])
 
 
+@pytest.mark.slow
+def test_forward_plan_holds_the_params_and_does_a_third_of_the_training_work():
+    config = small_config()
+    config.mesh = {"data": 8, "fsdp": 1}
+    train_row = plan.plan_train_step(config, jax.devices())
+    forward_row = plan.plan_train_step(config, jax.devices(), step="forward")
+    assert forward_row["step"] == "forward" and forward_row["params"] == train_row["params"]
+    assert 4 * forward_row["params"] <= forward_row["state_bytes"] < 4 * forward_row["params"] + 64
+    # Backward is twice the forward's matmul work; the diffusion loss adds little.
+    ratio = train_row["step_flops"] / forward_row["step_flops"]
+    assert 2.8 < ratio < 3.3, ratio
+    assert forward_row["step_hbm_bytes"] < train_row["step_hbm_bytes"]
+    with pytest.raises(ValueError, match="'train' or 'forward'"):
+        plan.plan_train_step(config, jax.devices(), step="sample")
+
+
 def test_variants_cover_every_combination_with_typed_values():
     config = small_config()
     rows = list(plan.variants(config, ["remat=none,full", "batch_per_chip=2,4",
@@ -63,17 +79,6 @@ def test_variants_cover_every_combination_with_typed_values():
         list(plan.variants(config, ["model.scan=maybe"], 8))
     with pytest.raises(ValueError, match="expected FIELD=V1,V2"):
         list(plan.variants(config, ["remat"], 8))
-
-
-def test_data_spec_follows_the_config():
-    config = small_config()
-    assert plan.data_spec(config).latent_shape == (8, 8, 1)
-    config.data.builtin, config.resolution = "", 512
-    spec = plan.data_spec(config)
-    assert spec.latent_shape == (64, 64, 4) and spec.num_classes == 1000
-    config.data.builtin = "cifar"
-    with pytest.raises(ValueError, match="config.data.builtin='cifar'"):
-        plan.data_spec(config)
 
 
 def test_chip_memory_comes_from_the_device_or_the_table():

@@ -36,6 +36,7 @@ ENTRY %main (x: bf16[8,16,16,32], w: bf16[64,3,3,32], a: bf16[64,128], b: bf16[1
   %dw = bf16[64,3,3,32]{3,2,1,0} get-tuple-element(%cudnn-conv-bw-filter.1), index=0
   %gemm_fusion_dot.1 = bf16[64,32]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot.1_computation, metadata={op_name="jit(step)/transpose(jvp(DiCo))/dico_block/dot_general"}
   %loop_broadcast_fusion = (f32[4,1024]{1,0}, f32[4,1024]{1,0}) fusion(), kind=kLoop, calls=%fused_broadcast
+  %allocate = f32[4,1024]{1,0} custom-call(), custom_call_target="AllocateBuffer"
   %all-reduce-start = f32[1024]{0} all-reduce-start(%g), replica_groups={}, to_apply=%fused_broadcast
   %all-reduce-done = f32[1024]{0} all-reduce-done(%all-reduce-start)
   ROOT %tuple = (bf16[8,16,16,32]{3,2,1,0}, bf16[64,3,3,32]{3,2,1,0}, bf16[64,32]{1,0}, f32[1024]{0}) tuple(%dx, %dw, %gemm_fusion_dot.1, %all-reduce-done)
@@ -94,6 +95,7 @@ def test_gpu_library_calls_count_the_work_of_the_convolution_and_the_gemm():
     assert found["loop_broadcast_fusion"].bytes == 2 * 4 * 4 * 1024
     assert found["all-reduce-start"].collective
     assert "all-reduce-done" not in found
+    assert "allocate" not in found  # reserves memory, moves none
 
 
 def test_parts_and_passes_come_from_the_source_names():
@@ -135,3 +137,23 @@ def test_chip_peaks_per_dtype():
 def test_bad_hlo_is_refused():
     with pytest.raises(ValueError, match="ENTRY"):
         roofline.kernels("HloModule m\n")
+
+
+def test_cli_reads_a_gzipped_dump_and_names_bad_input(tmp_path, capsys):
+    import gzip
+
+    path = tmp_path / "step.hlo.txt.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(GPU_HLO)
+    summary = roofline.main([str(path), "--device-kind", "NVIDIA H100 80GB HBM3", "--batch", "8"])
+    out = capsys.readouterr().out
+    assert "matmul & conv" in out and "-> at most" in out
+    assert summary["bound_s"] > 0
+    roofline.main([str(path)])
+    assert "no bound" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        roofline.main([str(tmp_path / "missing.hlo")])
+    assert "missing.hlo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        roofline.main([str(path), "--device-kind", "A100"])
+    assert "no peaks known for device kind 'A100'" in capsys.readouterr().err

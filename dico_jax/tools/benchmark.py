@@ -86,7 +86,8 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
     profile = None
     if profile_dir:
         profile = profile_train_step(run_step, compiled, os.path.join(
-            profile_dir, f"{name}_{dtype}_{depthwise}_{'scan' if scan else 'loop'}_{remat}_b{batch}"))
+            profile_dir, f"{name}_{dtype}_{depthwise}_{'scan' if scan else 'loop'}_{remat}_b{batch}"),
+            dtype=dtype, batch=batch)
     params = holder["state"].params
     fwd_s = sample_s = None
     if "forward" in parts:
@@ -135,9 +136,12 @@ def _time_sampler(model, params, sample_batch, sample_steps, shape, rng, repeats
     return median_seconds(lambda: sample(params, noise, jax.random.key(2)), max(1, repeats // 3))
 
 
-def profile_train_step(run_step: Callable[[], Any], compiled, out_dir: str, steps: int = 3) -> dict:
-    """Traces `steps` train steps; writes the trace and the optimized HLO; prints where time goes."""
-    from dico_jax.tools import profile_summary
+def profile_train_step(run_step: Callable[[], Any], compiled, out_dir: str, steps: int = 3,
+                       dtype: str = "bfloat16", batch: int = 1) -> dict:
+    """Traces `steps` train steps; writes the trace and the optimized HLO; prints where time
+    goes and, on a chip whose peaks are known, how close it comes to the roofline bound of the
+    same program (`tools/roofline.py`)."""
+    from dico_jax.tools import profile_summary, roofline
 
     os.makedirs(out_dir, exist_ok=True)
     hlo_text = compiled.as_text()
@@ -149,6 +153,15 @@ def profile_train_step(run_step: Callable[[], Any], compiled, out_dir: str, step
     summary = profile_summary.summarize(out_dir, hlo_text, steps)
     print(f"profile of the train step ({out_dir}):")
     profile_summary.print_summary(summary)
+    peaks = roofline.chip_peaks(jax.devices()[0].device_kind, dtype)
+    if peaks:
+        bound = roofline.summarize(roofline.kernels(hlo_text), *peaks)
+        summary["roofline_bound_ms"] = 1e3 * bound["bound_s"]
+        measured = summary["device_ms_per_step"]
+        print(f"roofline bound of this program: {summary['roofline_bound_ms']:.2f} ms per step "
+              f"({batch / bound['bound_s']:.0f} img/s, {bound['hbm_bytes'] / 1e9:.1f} GB HBM); "
+              f"measured device time {measured:.2f} ms = "
+              f"{summary['roofline_bound_ms'] / measured:.0%} of the bound's speed")
     return summary
 
 

@@ -35,7 +35,6 @@ import os
 import re
 import sys
 import time
-import types
 from typing import Any, Sequence
 
 import jax
@@ -46,7 +45,7 @@ from ml_collections import config_flags
 
 from dico_jax import sharding as sharding_lib
 from dico_jax import train
-from dico_jax.data import digits, records
+from dico_jax.data import spec as data_spec
 from dico_jax.diffusion import create_diffusion
 from dico_jax.tools import roofline
 
@@ -84,25 +83,11 @@ flags.DEFINE_multi_string("vary", [], "FIELD=V1,V2,...: one row per value (every
                           "when repeated). FIELD is a config path (remat, mesh.fsdp, "
                           "model.scan, ...) or batch_per_chip.")
 flags.DEFINE_integer("cpu_devices", 0, "On the CPU backend, fake this many devices.")
+flags.DEFINE_enum("step", "train", ["train", "forward"], "What to compile: the train step, "
+                  "or one forward pass of the network over the batch (sampling's unit of work).")
 flags.DEFINE_bool("breakdown", False, "Also print each row's roofline per part of the model.")
 flags.DEFINE_string("json", None, "Also write the rows here.")
 flags.mark_flags_as_required(["config"])
-
-
-def data_spec(config: ml_collections.ConfigDict) -> types.SimpleNamespace:
-    """latent_shape and num_classes of the data the config trains on, without reading it
-    unless a dataset directory with a manifest is given."""
-    manifest_path = os.path.join(config.data.dir, records.MANIFEST_NAME) if config.data.dir else ""
-    if manifest_path and os.path.exists(manifest_path):
-        m = records.read_manifest(config.data.dir)
-        return types.SimpleNamespace(latent_shape=tuple(m.latent_shape), num_classes=m.num_classes)
-    if config.data.builtin == "digits":
-        return types.SimpleNamespace(latent_shape=digits.LATENT_SHAPE,
-                                     num_classes=digits.NUM_CLASSES)
-    if config.data.builtin:
-        raise ValueError(f"config.data.builtin={config.data.builtin!r}: unknown; valid: 'digits'")
-    side = int(config.resolution) // 8  # ImageNet through the SD VAE: 4 x (res / 8)^2
-    return types.SimpleNamespace(latent_shape=(side, side, 4), num_classes=1000)
 
 
 def target_devices(topology: str | None) -> list:
@@ -275,37 +260,51 @@ def out_of_memory_fields(message: str) -> dict | None:
     return fields
 
 
-def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> dict:
-    """Compiles the config's train step for `devices`; returns per-chip memory and timings.
+def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
+                    step: str = "train") -> dict:
+    """Compiles the config's train step (or, with step="forward", one forward pass of the
+    network over a batch, as sampling runs it) for `devices`; returns per-chip memory and
+    timings and the roofline of the compiled program.
 
     Raises what the build raises, except a compiler out-of-memory error, which becomes the
     row's `error` (the plan does not fit).
     """
-    spec = data_spec(config)
+    if step not in ("train", "forward"):
+        raise ValueError(f"step must be 'train' or 'forward', got {step!r}")
+    spec = data_spec.from_config(config)
     config = train.resolve_config(config, spec)
     mesh = sharding_lib.create_mesh(config.mesh, devices)
     model = train.build_model(config)
     tx, schedule = train.make_optimizer(config)
     _, abstract, shardings = train.init_state(config, model, tx, mesh, spec.latent_shape)
-    leaves, specs = jax.tree.leaves(abstract), jax.tree.leaves(shardings)
-    state_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
-    state_per_chip = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
-                         for x, s in zip(leaves, specs))
+    batch = train.batch_spec(config, mesh, spec.latent_shape)
+    if step == "train":
+        fn = train.make_train_step(config, model, create_diffusion(""), tx, schedule, shardings,
+                                   mesh)
+        args = (sharding_lib.with_shardings(abstract, shardings), batch)
+        held, held_shardings = abstract, shardings
+    else:
+        x = batch["latent"]
+        fn = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+        args = (sharding_lib.with_shardings(abstract.params, shardings.params), x,
+                batch["label"], batch["label"])  # timesteps and labels: int32 (N,) alike
+        held, held_shardings = abstract.params, shardings.params
+    leaves, specs = jax.tree.leaves(held), jax.tree.leaves(held_shardings)
     n = len(devices)
     row = {
-        "device": devices[0].device_kind, "chips": n, "model": config.model.name,
+        "step": step, "device": devices[0].device_kind, "chips": n, "model": config.model.name,
         "resolution": int(config.resolution), "dtype": config.dtype, "remat": config.remat,
         "scan": bool(config.model.scan), "mesh": dict(mesh.shape),
         "global_batch": int(config.global_batch_size),
         "batch_per_chip": int(config.global_batch_size) / n,
         "params": sum(x.size for x in jax.tree.leaves(abstract.params)),
-        "state_bytes": state_bytes, "state_bytes_per_chip": state_per_chip,
+        "state_bytes": sum(x.size * x.dtype.itemsize for x in leaves),
+        "state_bytes_per_chip": sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+                                    for x, s in zip(leaves, specs)),
         "chip_memory_bytes": chip_memory_bytes(devices[0]),
     }
-    step = train.make_train_step(config, model, create_diffusion(""), tx, schedule, shardings, mesh)
     t0 = time.perf_counter()
-    lowered = step.lower(sharding_lib.with_shardings(abstract, shardings),
-                         train.batch_spec(config, mesh, spec.latent_shape))
+    lowered = fn.lower(*args)
     try:
         compiled = lowered.compile()
     except Exception as e:
@@ -386,14 +385,16 @@ def main(argv):
         sys.exit(f"dico_jax.tools.plan: {e}")
     rows = []
     for label, config in configs:
-        row = plan_train_step(config, devices)
+        row = plan_train_step(config, devices, FLAGS.step)
         row["vary"] = label
         rows.append(row)
         print(f"planned {label or 'the config'}: {row['compile_s']:.0f} s", flush=True)
     kind = devices[0].device_kind
+    what = ("train step (state: params, EMA, AdamW)" if FLAGS.step == "train"
+            else "forward pass (state: params)")
     print(f"target: {len(devices)} x {kind} ({FLAGS.topology or jax.default_backend()}), "
-          f"jax {jax.__version__}; memory in GiB per chip; TFLOP, HBM GB and the roofline "
-          f"bound on img/s per chip and step")
+          f"jax {jax.__version__}; the {what}; memory in GiB per chip; TFLOP, HBM GB and the "
+          f"roofline bound on img/s per chip and step")
     print(format_table(rows))
     if FLAGS.breakdown:
         for r in rows:

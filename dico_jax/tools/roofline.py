@@ -20,17 +20,18 @@ import dataclasses
 import re
 from typing import Iterable, Sequence
 
-# Dense bf16 matmul peak (FLOP/s) and HBM bandwidth (bytes/s) per chip, by JAX device_kind.
-# FLOP/s as the project measures MFU; bandwidth from NVIDIA's H100 SXM / H200 and Google
-# Cloud's TPU datasheets.
-CHIP_PEAKS = {
-    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),
-    "NVIDIA H200": (989e12, 4.8e12),
-    "TPU v4": (275e12, 1.2e12),
-    "TPU v5 lite": (197e12, 0.819e12),  # v5e
-    "TPU v5": (459e12, 2.765e12),  # v5p
-    "TPU v6 lite": (918e12, 1.64e12),  # v6e
-}
+from dico_jax import train
+
+# HBM bandwidth (bytes/s) per chip, matched in order against JAX's device_kind like the FLOP
+# peaks in `dico_jax.train`: NVIDIA's H100 SXM and H200 and Google Cloud's TPU datasheets.
+HBM_BANDWIDTH = (
+    ("H100", 3.35e12),
+    ("H200", 4.8e12),
+    ("TPU v5 lite", 0.819e12),  # v5e
+    ("TPU v5", 2.765e12),  # v5p
+    ("TPU v6 lite", 1.64e12),  # v6e
+    ("TPU v4", 1.2e12),
+)
 
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
           "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
@@ -256,7 +257,8 @@ def kernels(hlo_text: str) -> list[Kernel]:
         body = computations.get(name, [])
         table = {i.name: i for i in body}
         for ins in body:
-            if ins.opcode in _FREE or ins.opcode.endswith("-done"):
+            if (ins.opcode in _FREE or ins.opcode.endswith("-done")
+                    or 'custom_call_target="AllocateBuffer"' in ins.attrs):  # memory, no work
                 continue
             if ins.opcode == "while":
                 loop = re.search(r"body=%([\w.\-]+)", ins.attrs).group(1)
@@ -349,11 +351,11 @@ def summarize(found: Iterable[Kernel], peak_flops: float | None = None,
 def chip_peaks(device_kind: str, dtype: str) -> tuple[float, float] | None:
     """(matmul FLOP/s, HBM bytes/s) for the compute dtype: fp32 matmuls on these GPUs run as
     TF32 on the tensor cores at half the bf16 rate; TPUs run them as bf16 passes."""
-    peaks = CHIP_PEAKS.get(device_kind)
-    if peaks is None:
+    flops = train.peak_flops_per_chip(device_kind, default=0.0)
+    bandwidth = next((b for name, b in HBM_BANDWIDTH if name.lower() in device_kind.lower()), None)
+    if not flops or bandwidth is None:
         return None
-    flops, bandwidth = peaks
-    if dtype == "float32" and device_kind.startswith("NVIDIA"):
+    if dtype == "float32" and "nvidia" in device_kind.lower():
         flops /= 2
     return flops, bandwidth
 
@@ -364,12 +366,46 @@ def format_parts(summary: dict, batch: int) -> str:
              f"{'bound ms':>8} {'share':>6}"]
     total = summary.get("bound_s")
     for p in summary["parts"]:
+        ms = f"{1e3 * p['seconds']:8.2f}" if total else f"{'-':>8}"
         share = f"{100 * p['seconds'] / total:5.1f}%" if total else "-"
         lines.append(f"{p['part']:18} {p['pass']:4} {p['launches']:>8} {p['flops'] / 1e12:7.2f} "
-                     f"{p['bytes'] / 1e9:8.2f} {1e3 * p['seconds']:8.2f} {share:>6}")
-    if total:
-        lines.append(f"{'step':18} {'':4} {summary['launches']:>8} {summary['flops'] / 1e12:7.2f} "
-                     f"{summary['hbm_bytes'] / 1e9:8.2f} {1e3 * total:8.2f}  "
-                     f"-> at most {batch / total:.0f} img/s")
+                     f"{p['bytes'] / 1e9:8.2f} {ms} {share:>6}")
+    step = (f"{'step':18} {'':4} {summary['launches']:>8} {summary['flops'] / 1e12:7.2f} "
+            f"{summary['hbm_bytes'] / 1e9:8.2f}")
+    lines.append(f"{step} {1e3 * total:8.2f}  -> at most {batch / total:.0f} img/s" if total
+                 else f"{step} {'-':>8}  (no bound: peaks of the chip not known)")
     return "\n".join(lines)
 
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """python -m dico_jax.tools.roofline HLO_TEXT --device-kind 'NVIDIA H200' --batch 64:
+    the per-part table of a compiled program dumped to a file (plain or .gz), e.g. the
+    train_step.hlo.txt.gz that `tools/benchmark --profile` writes beside its trace."""
+    import argparse
+    import gzip
+
+    parser = argparse.ArgumentParser(prog="python -m dico_jax.tools.roofline",
+                                     description=main.__doc__.split(":", 1)[1].strip())
+    parser.add_argument("hlo", help="optimized HLO text (compiled.as_text()), plain or .gz")
+    parser.add_argument("--device-kind", default="", help="JAX device_kind of the chip it was "
+                        "compiled for, e.g. 'NVIDIA H200', 'TPU v5 lite'")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--batch", type=int, default=1, help="images per chip and step")
+    args = parser.parse_args(argv)
+    opener = gzip.open if args.hlo.endswith(".gz") else open
+    try:
+        with opener(args.hlo, "rt") as f:
+            text = f.read()
+    except OSError as e:
+        parser.exit(1, f"{parser.prog}: cannot read {args.hlo}: {e}\n")
+    peaks = chip_peaks(args.device_kind, args.dtype)
+    if args.device_kind and peaks is None:
+        parser.exit(1, f"{parser.prog}: no peaks known for device kind {args.device_kind!r}\n")
+    summary = summarize(kernels(text), *(peaks or (None, None)))
+    print(format_parts(summary, args.batch))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
