@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Compute dtype of the network ("float32" or "bfloat16"); parameters, optimizer state and
     # the loss stay float32.
     config.dtype = "float32"
-    # Rematerialization of each block: "none", "full", "dots", "dots_no_batch".
+    # Rematerialization of each block: "none", "full", "dots", "dots_no_batch", or "linear"
+    # (keep the outputs of the block's linear maps, recompute its element-wise ops).
     config.remat = "none"
 
     # Device mesh: axis sizes, -1 takes the devices left over. Parameters with at least

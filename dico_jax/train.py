@@ -201,9 +201,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: Any, diffusion: Ga
     """`train_step` jitted with explicit shardings; the input state is donated."""
     _, step_key = seed_keys(config.seed)
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    step = functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
-                             lr_schedule=lr_schedule, ema_decay=float(config.ema_decay),
-                             step_key=step_key)
+    step_fn = functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
+                                lr_schedule=lr_schedule, ema_decay=float(config.ema_decay),
+                                step_key=step_key)
+
+    def step(state, batch):
+        # Traced under the mesh, so the network keeps its activations split along the batch.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step_fn(state, batch)
+
     return jax.jit(step,
                    in_shardings=(shardings, {"latent": batch_sharding, "label": batch_sharding}),
                    out_shardings=(shardings, sharding_lib.replicated(mesh)),

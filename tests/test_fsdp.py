@@ -90,3 +90,37 @@ def test_dico_h_fsdp_step_runs():
     state, metrics = step(state, pipeline.make_global_batch(batch, mesh))
     assert np.isfinite(float(metrics["loss"]))
     assert not np.array_equal(before, np.asarray(jax.tree.leaves(state.params)[0][:2]))
+
+
+def test_fsdp_keeps_activations_split_along_the_batch(tmp_path):
+    """Kernels split along fsdp must not pull activations into a channel split: each device
+    computes its own images with gathered weights (FSDP), not all images with a slice of the
+    channels (what XLA chose here without the constraints of `sharding.constrain_batch`)."""
+    import gzip
+    import re
+
+    from configs import digits as digits_config
+
+    config = digits_config.get_config()
+    config.global_batch_size, config.mesh = 16, {"data": 1, "fsdp": 8}
+    config.fsdp_min_size = 256  # split the kernels of this small model too
+    hlo = tmp_path / "step.hlo.txt.gz"
+    plan.plan_train_step(config, jax.devices(), hlo_path=str(hlo))
+    with gzip.open(hlo, "rt") as f:
+        shapes = re.findall(r"\[(\d+),8,8,(\d+)\]", f.read())  # activations at 8x8
+    widths = {config.model.hidden_size, 2 * config.model.hidden_size}
+    per_device = [c for n, c in shapes if n == "2" and int(c) in widths]
+    whole_batch_channel_split = [c for n, c in shapes if n == "16" and int(c) < min(widths)]
+    assert per_device and not whole_batch_channel_split, whole_batch_channel_split[:5]
+
+
+def test_constrain_batch_applies_only_under_a_batch_mesh():
+    x = jax.numpy.ones((8, 4))
+    assert "sharding_constraint" not in str(jax.make_jaxpr(sharding_lib.constrain_batch)(x))
+    mesh = sharding_lib.create_mesh({"data": 2, "fsdp": 4})
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        jaxpr = str(jax.make_jaxpr(sharding_lib.constrain_batch)(x))
+    assert "sharding_constraint" in jaxpr
+    one = sharding_lib.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    with jax.sharding.use_abstract_mesh(one.abstract_mesh):
+        assert "sharding_constraint" not in str(jax.make_jaxpr(sharding_lib.constrain_batch)(x))

@@ -180,11 +180,45 @@ def test_variants_agree_depthwise_scan_remat():
 
     ref_loss, ref_grad = loss_and_grad(base)
     for variant in (dict(depthwise_impl="shift", scan=False), dict(remat="full"),
-                    dict(remat="dots")):
+                    dict(remat="dots"), dict(remat="linear", scan=False)):
         loss, grad = loss_and_grad(base.clone(**variant))
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(variant))
         for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6, err_msg=str(variant))
+
+
+def test_linear_remat_keeps_the_named_linear_outputs_only(capsys):
+    """remat="linear" saves the block input and the outputs of its linear maps; layer norms,
+    GELUs and the attention product are recomputed in the backward pass."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from dico_jax.models import layers as L
+    from dico_jax.models.dico import REMAT_POLICIES
+
+    n, hw, d = 2, 4, 8
+    p = jax.tree.map(lambda s: jnp.full(s, 0.01), {
+        "adaLN_modulation": {"kernel": (d, 6 * d), "bias": (6 * d,)},
+        "conv1": {"kernel": (d, d), "bias": (d,)}, "conv2": {"kernel": (3, 3, d), "bias": (d,)},
+        "ca": {"kernel": (d, d), "bias": (d,)}, "conv3": {"kernel": (d, d), "bias": (d,)},
+        "conv4": {"kernel": (d, 2 * d), "bias": (2 * d,)},
+        "conv5": {"kernel": (2 * d, d), "bias": (d,)}}, is_leaf=lambda s: isinstance(s, tuple))
+    x, c = jnp.ones((n, hw, hw, d)), jnp.ones((n, d))
+
+    def saved_activations(policy):
+        block = jax.checkpoint(L.dico_block, policy=policy)
+        capsys.readouterr()
+        print_saved_residuals(lambda p, x, c: block(p, x, c).sum(), p, x, c)
+        lines = [ln for ln in capsys.readouterr().out.splitlines()
+                 if ln.startswith(f"f32[{n},{hw},{hw},")]
+        return sorted(ln.split("'")[1] if " named '" in ln else ln.split(" from ")[1]
+                      for ln in lines)
+
+    assert saved_activations(REMAT_POLICIES["linear"]) == sorted(
+        ["the argument x", "conv1", "depthwise", "conv3", "residual", "conv4", "conv5"])
+    # Saving everything keeps more (the layer norm, GELU and attention outputs too); full
+    # remat keeps the input only.
+    assert len(saved_activations(jax.checkpoint_policies.everything_saveable)) > 7
+    assert saved_activations(REMAT_POLICIES["full"]) == ["the argument x"]
 
 
 def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():

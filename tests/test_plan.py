@@ -99,7 +99,8 @@ def test_plan_cli_prints_the_table_and_writes_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
          "--cpu_devices=4", "--config.mesh.fsdp=2", "--vary=remat=none,full", "--breakdown",
-         f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+         f"--json={out}", f"--hlo_dir={tmp_path / 'hlo'}"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "target: 4 x cpu" in proc.stdout and "img/s <=" in proc.stdout
     rows = json.loads(out.read_text())
@@ -114,6 +115,11 @@ def test_plan_cli_prints_the_table_and_writes_json(tmp_path):
     # No peaks known for a CPU: FLOPs and bytes, but no bound.
     assert all("bound_images_per_s" not in r for r in rows)
     assert "matmul & conv" in proc.stdout and "layer norm" in proc.stdout
+    # The compiled programs are kept; the roofline tool reads them back to the same totals.
+    from dico_jax.tools import roofline
+
+    summary = roofline.main([str(tmp_path / "hlo" / "row_1.hlo.txt.gz")])
+    assert summary["flops"] == rows[1]["step_flops"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

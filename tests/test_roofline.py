@@ -86,7 +86,8 @@ def test_a_scan_counts_its_trips_and_only_the_slices_it_touches():
 
 def test_gpu_library_calls_count_the_work_of_the_convolution_and_the_gemm():
     found = {k.name: k for k in roofline.kernels(GPU_HLO)}
-    conv = 2 * (8 * 16 * 16 * 64) * (3 * 3 * 32)
+    # 3x3 taps that land on the 16x16 input (pad 1): 3 * 16 - 2 per dimension.
+    conv = 2 * 8 * 64 * 32 * (3 * 16 - 2) ** 2
     for name in ("cudnn-conv.1", "cudnn-conv-bw-input.1", "cudnn-conv-bw-filter.1"):
         assert found[name].flops == conv, name
     assert found["gemm_fusion_dot.1"].flops == 2 * 64 * 32 * 128
@@ -96,6 +97,59 @@ def test_gpu_library_calls_count_the_work_of_the_convolution_and_the_gemm():
     assert found["all-reduce-start"].collective
     assert "all-reduce-done" not in found
     assert "allocate" not in found  # reserves memory, moves none
+
+
+def test_convolution_flops_count_only_taps_on_the_input():
+    # XLA:TPU writes a 1x1 kernel gradient as a 'convolution' whose window spans the whole
+    # image; each output takes one tap, not 32 x 32 of them.
+    attrs = ", window={size=32x32 pad=31_31x31_31 rhs_reversal=1x1}, dim_labels=bf01_o01i->f01b"
+    flops = roofline._conv_flops("bf16[416,832,1,1]", "bf16[256,32,32,832]",
+                                 "bf16[256,32,32,416]", attrs)
+    assert flops == 2 * 256 * 32 * 32 * 416 * 832
+    # A plain matrix product written as a convolution without spatial dimensions.
+    assert roofline._conv_flops("f32[16,32]", "f32[32,8]", "f32[16,8]",
+                                ", dim_labels=bf_io->bf") == 2 * 16 * 8 * 32
+    # Stride 2, 3x3, pad 1 on 8 -> 4 outputs per dimension: taps 2+3+3+3 = 11 per dimension.
+    assert roofline._conv_flops("f32[1,8,8,4]", "f32[3,3,4,2]", "f32[1,4,4,2]",
+                                ", window={size=3x3 stride=2x2 pad=1_1x1_1}, "
+                                "dim_labels=b01f_01io->b01f") == 2 * 1 * 2 * 4 * 11 * 11
+
+
+def test_loops_without_a_known_trip_count_read_it_off_their_condition():
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[1000])) -> (s32[], f32[1000]) {
+  %p = (s32[], f32[1000]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[1000]{0} get-tuple-element(%p), index=1
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %y = f32[1000]{0} fusion(%x), kind=kLoop, calls=%tanh
+  ROOT %t = (s32[], f32[1000]{0}) tuple(%next, %y)
+}
+
+%tanh (a: f32[1000]) -> f32[1000] {
+  %a = f32[1000]{0} parameter(0)
+  ROOT %b = f32[1000]{0} tanh(%a)
+}
+
+%cond (p: (s32[], f32[1000])) -> pred[] {
+  %p = (s32[], f32[1000]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[1000]) -> (s32[], f32[1000]) {
+  %x = f32[1000]{0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[1000]{0}) tuple(%zero, %x)
+  ROOT %w = (s32[], f32[1000]{0}) while(%init), condition=%cond, body=%body
+}
+"""
+    found = {k.name: k for k in roofline.kernels(hlo)}
+    assert found["y"].launches == 7 and found["y"].bytes == 8000
+    assert found["next"].launches == 7
 
 
 def test_parts_and_passes_come_from_the_source_names():

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from dico_jax import sharding
 from dico_jax.models import layers as L
 
 REMAT_POLICIES = {
@@ -19,6 +20,7 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "linear": jax.checkpoint_policies.save_only_these_names(*L.LINEAR_OUTPUTS),
 }
 
 
@@ -92,8 +94,10 @@ class BlockStack(nn.Module):
         if n == 0:
             return x
 
+        x, c = sharding.constrain_batch(x), sharding.constrain_batch(c)
+
         def block(x, p):
-            return L.dico_block(p, x, c, self.depthwise_impl)
+            return sharding.constrain_batch(L.dico_block(p, x, c, self.depthwise_impl))
 
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")

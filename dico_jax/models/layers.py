@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 LN_EPS = 1e-6
@@ -256,11 +257,17 @@ def channel_attention(x: Array, kernel: Array, bias: Array) -> Array:
     The pooled mean is taken in fp32 (a sum over H*W values) whatever the compute dtype.
     """
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    attn = jax.nn.sigmoid(dense(pooled, kernel, bias, jnp.float32))
+    attn = checkpoint_name(jax.nn.sigmoid(dense(pooled, kernel, bias, jnp.float32)), "attention")
     return x * attn[:, None, None, :].astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- DiCo block
+# Outputs of a block's linear maps (the 1x1 and depthwise convolutions, the attention weights)
+# and its mid-block residual: enough to recompute the layer norms, GELUs and the attention
+# product in the backward pass without another matmul or 3x3 stencil.
+LINEAR_OUTPUTS = ("conv1", "depthwise", "attention", "conv3", "residual", "conv4", "conv5")
+
+
 @_scoped
 def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv") -> Array:
     """One DiCo block on x (N, H, W, D) conditioned on c (N, D); `p` holds one layer's params.
@@ -273,14 +280,16 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv") -> Arr
                 dtype=jnp.float32)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
 
+    # The names mark what remat="linear" keeps for the backward pass (LINEAR_OUTPUTS).
     h = modulated_layer_norm(x, shift1, scale1)
-    h = dense(h, p["conv1"]["kernel"], p["conv1"]["bias"], dtype)
-    h = gelu(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl))
-    h = channel_attention(h, p["ca"]["kernel"], p["ca"]["bias"])
-    h = dense(h, p["conv3"]["kernel"], p["conv3"]["bias"], dtype)
-    x = x + gate1[:, None, None, :].astype(dtype) * h
+    h = checkpoint_name(dense(h, p["conv1"]["kernel"], p["conv1"]["bias"], dtype), "conv1")
+    h = checkpoint_name(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl),
+                        "depthwise")
+    h = channel_attention(gelu(h), p["ca"]["kernel"], p["ca"]["bias"])
+    h = checkpoint_name(dense(h, p["conv3"]["kernel"], p["conv3"]["bias"], dtype), "conv3")
+    x = checkpoint_name(x + gate1[:, None, None, :].astype(dtype) * h, "residual")
 
     m = modulated_layer_norm(x, shift2, scale2)
-    m = gelu(dense(m, p["conv4"]["kernel"], p["conv4"]["bias"], dtype))
-    m = dense(m, p["conv5"]["kernel"], p["conv5"]["bias"], dtype)
+    m = checkpoint_name(dense(m, p["conv4"]["kernel"], p["conv4"]["bias"], dtype), "conv4")
+    m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], p["conv5"]["bias"], dtype), "conv5")
     return x + gate2[:, None, None, :].astype(dtype) * m

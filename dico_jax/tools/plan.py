@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import glob
+import gzip
 import importlib.metadata
 import importlib.util
 import itertools
@@ -87,6 +88,8 @@ flags.DEFINE_enum("step", "train", ["train", "forward"], "What to compile: the t
                   "or one forward pass of the network over the batch (sampling's unit of work).")
 flags.DEFINE_bool("breakdown", False, "Also print each row's roofline per part of the model.")
 flags.DEFINE_string("json", None, "Also write the rows here.")
+flags.DEFINE_string("hlo_dir", None, "Also write each row's compiled program here "
+                    "(row_<i>.hlo.txt.gz; `python -m dico_jax.tools.roofline` reads them).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -261,13 +264,13 @@ def out_of_memory_fields(message: str) -> dict | None:
 
 
 def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
-                    step: str = "train") -> dict:
+                    step: str = "train", hlo_path: str | None = None) -> dict:
     """Compiles the config's train step (or, with step="forward", one forward pass of the
     network over a batch, as sampling runs it) for `devices`; returns per-chip memory and
     timings and the roofline of the compiled program.
 
     Raises what the build raises, except a compiler out-of-memory error, which becomes the
-    row's `error` (the plan does not fit).
+    row's `error` (the plan does not fit). `hlo_path` (.gz) receives the compiled program.
     """
     if step not in ("train", "forward"):
         raise ValueError(f"step must be 'train' or 'forward', got {step!r}")
@@ -314,7 +317,11 @@ def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
         row.update(fields, compile_s=time.perf_counter() - t0)
         return row
     row["compile_s"] = time.perf_counter() - t0
-    row.update(step_roofline(compiled.as_text(), devices[0].device_kind, config.dtype,
+    hlo_text = compiled.as_text()
+    if hlo_path:
+        with gzip.open(hlo_path, "wt") as f:
+            f.write(hlo_text)
+    row.update(step_roofline(hlo_text, devices[0].device_kind, config.dtype,
                              row["batch_per_chip"]))
     mem = compiled.memory_analysis()
     if mem is None:
@@ -384,8 +391,11 @@ def main(argv):
     except (ValueError, RuntimeError) as e:
         sys.exit(f"dico_jax.tools.plan: {e}")
     rows = []
-    for label, config in configs:
-        row = plan_train_step(config, devices, FLAGS.step)
+    if FLAGS.hlo_dir:
+        os.makedirs(FLAGS.hlo_dir, exist_ok=True)
+    for i, (label, config) in enumerate(configs):
+        hlo_path = os.path.join(FLAGS.hlo_dir, f"row_{i}.hlo.txt.gz") if FLAGS.hlo_dir else None
+        row = plan_train_step(config, devices, FLAGS.step, hlo_path)
         row["vary"] = label
         rows.append(row)
         print(f"planned {label or 'the config'}: {row['compile_s']:.0f} s", flush=True)

@@ -68,8 +68,9 @@ class _Instr:
     name: str
     shape: str
     opcode: str
-    operands: list
-    attrs: str
+    operands: list  # names of the instructions it reads
+    attrs: str  # what follows the operand list
+    args: str = ""  # the text between its parentheses (a constant's value)
 
 
 def array_bytes(shape: str) -> float:
@@ -131,28 +132,55 @@ def parse_hlo(text: str) -> tuple[dict[str, list[_Instr]], str]:
         if open_ < 0:
             continue
         close = _close(rest, open_)
-        current.append(_Instr(name, shape, rest[:open_], re.findall(r"%([\w.\-]+)",
-                                                                    rest[open_:close + 1]),
-                              rest[close + 1:]))
+        args = rest[open_ + 1:close]
+        current.append(_Instr(name, shape, rest[:open_], re.findall(r"%([\w.\-]+)", args),
+                              rest[close + 1:], args))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     return computations, entry
 
 
-def _conv_flops(out_shape: str, filter_shape: str, attrs: str) -> float:
-    """2 x output elements x (window x input features) of one convolution."""
-    labels = re.search(r"dim_labels=\w+_(\w+)->", attrs)
-    filt = _dims(filter_shape)
-    if not labels or len(labels.group(1)) != len(filt):
+def _window(attrs: str, rank: int) -> list[dict]:
+    """Per spatial dimension of a convolution: size, stride, low padding and dilations."""
+    window = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(re.findall(r"(\w+)=([\d_x-]+)", window.group(1))) if window else {}
+
+    def per_dim(key, default):
+        return [int(v) for v in fields[key].split("x")] if key in fields else [default] * rank
+    pads = ([int(v.split("_")[0]) for v in fields["pad"].split("x")] if "pad" in fields
+            else [0] * rank)
+    return [dict(size=a, stride=b, pad=c, lhs_dilate=d, rhs_dilate=e) for a, b, c, d, e in zip(
+        per_dim("size", 1), per_dim("stride", 1), pads, per_dim("lhs_dilate", 1),
+        per_dim("rhs_dilate", 1))]
+
+
+def _taps(in_size: int, out_size: int, w: dict) -> int:
+    """(output, window) position pairs of one spatial dimension that land on the input."""
+    last = (in_size - 1) * w["lhs_dilate"]
+    count = 0
+    for o in range(out_size):
+        for k in range(w["size"]):
+            p = o * w["stride"] + k * w["rhs_dilate"] - w["pad"]
+            count += 0 <= p <= last and p % w["lhs_dilate"] == 0
+    return count
+
+
+def _conv_flops(lhs_shape: str, rhs_shape: str, out_shape: str, attrs: str) -> float:
+    """2 x the multiply-adds of one convolution, counting only window taps that land on the
+    input (a 'convolution' that is really a weight gradient or a padded product counts right)."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    if not labels:
         return 0.0
-    per_output = 1
-    for label, size in zip(labels.group(1), filt):
-        if label.isdigit() or label == "i":
-            per_output *= size
-    n = 1
-    for d in _dims(out_shape):
-        n *= d
-    return 2.0 * n * per_output
+    (ll, rl, ol), (lhs, rhs, out) = labels.groups(), map(_dims, (lhs_shape, rhs_shape, out_shape))
+    if (len(lhs), len(rhs), len(out)) != (len(ll), len(rl), len(ol)):
+        return 0.0
+    spatial = sorted(c for c in ol if c.isdigit())
+    windows = _window(attrs, len(spatial))
+    taps = 1
+    for d, w in zip(spatial, windows):
+        taps *= _taps(lhs[ll.index(d)], out[ol.index(d)], w)
+    batch_groups = lhs[ll.index("b")] // max(out[ol.index("b")], 1)  # batch_group_count
+    return 2.0 * out[ol.index("b")] * out[ol.index("f")] * rhs[rl.index("i")] * taps * batch_groups
 
 
 def _dot_flops(out_shape: str, lhs_shape: str, contracting: Sequence[int]) -> float:
@@ -172,7 +200,7 @@ def _instr_flops(ins: _Instr, table: dict[str, _Instr],
         return _dot_flops(ins.shape, shape_of(0),
                           [int(d) for d in filter(None, m.group(1).split(","))] if m else [])
     if ins.opcode == "convolution":
-        return _conv_flops(ins.shape, shape_of(1), ins.attrs)
+        return _conv_flops(shape_of(0), shape_of(1), ins.shape, ins.attrs)
     if ins.opcode == "custom-call":
         target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
         target = target.group(1) if target else ""
@@ -181,10 +209,10 @@ def _instr_flops(ins: _Instr, table: dict[str, _Instr],
             # backward filter (x, dy) -> dw. The work is that of the forward conv.
             result = ins.shape
             if "BackwardInput" in target:
-                return _conv_flops(shape_of(0), shape_of(1), ins.attrs)
+                return _conv_flops(result, shape_of(1), shape_of(0), ins.attrs)
             if "BackwardFilter" in target:
-                return _conv_flops(shape_of(1), result, ins.attrs)
-            return _conv_flops(result, shape_of(1), ins.attrs)
+                return _conv_flops(shape_of(0), result, shape_of(1), ins.attrs)
+            return _conv_flops(shape_of(0), shape_of(1), result, ins.attrs)
         if target.startswith("__cublas"):
             m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
             dims = [int(d.strip('"')) for d in m.group(1).split(",") if d] if m else []
@@ -248,6 +276,19 @@ def _is_fill(body: list[_Instr]) -> bool:
         or (i.opcode == "parameter" and array_bytes(i.shape) <= 8) for i in body)
 
 
+def _trip_count(loop: _Instr, computations: dict[str, list[_Instr]]) -> int:
+    """The compiler's known trip count; else the bound its condition compares the counter to
+    (JAX's loops count up from 0 by 1: `i < N`, N an integer constant); else 1."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
+    if known:
+        return int(known.group(1))
+    condition = re.search(r"condition=%([\w.\-]+)", loop.attrs)
+    body = computations.get(condition.group(1), []) if condition else []
+    bounds = {int(i.args) for i in body if i.opcode == "constant" and i.shape.startswith("s32[]")
+              and i.args.lstrip("-").isdigit()}
+    return bounds.pop() if len(bounds) == 1 else 1
+
+
 def kernels(hlo_text: str) -> list[Kernel]:
     """The kernels of one execution of a compiled module (`compiled.as_text()`)."""
     computations, entry = parse_hlo(hlo_text)
@@ -262,8 +303,7 @@ def kernels(hlo_text: str) -> list[Kernel]:
                 continue
             if ins.opcode == "while":
                 loop = re.search(r"body=%([\w.\-]+)", ins.attrs).group(1)
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-                walk(loop, launches * (int(trips.group(1)) if trips else 1))
+                walk(loop, launches * _trip_count(ins, computations))
                 continue
             if ins.opcode in ("call", "async-start") or ins.opcode == "conditional":
                 for callee in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%([\w.\-]+)",
