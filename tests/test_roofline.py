@@ -52,6 +52,8 @@ def test_array_bytes_sums_every_array_of_a_shape():
     assert roofline.array_bytes("(bf16[2,3]{1,0}, f32[4]{0}, u8[0]{0})") == 2 * 6 + 4 * 4
     assert roofline.array_bytes("s32[]") == 4
     assert roofline.array_bytes("pred[7]") == 7
+    # XLA:TPU's on-chip memory space is not HBM.
+    assert roofline.array_bytes("(f32[8,128]{1,0:T(8,128)}, f32[8,128]{1,0:T(8,128)S(1)})") == 4096
 
 
 def test_matmul_flops_and_bytes_on_the_cpu_compiler():

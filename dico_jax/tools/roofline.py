@@ -36,7 +36,8 @@ HBM_BANDWIDTH = (
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
           "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
           "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(" + "|".join(sorted(_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_BYTES, key=len, reverse=True))
+                    + r")\[([\d,]*)\](\{[^}]*\})?")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
          "partition-id", "replica-id", "opt-barrier", "add-dependency", "iota"}
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
@@ -74,9 +75,13 @@ class _Instr:
 
 
 def array_bytes(shape: str) -> float:
-    """Bytes of every array in an HLO shape string, e.g. '(bf16[2,3]{1,0}, f32[4])' -> 28."""
+    """Bytes in HBM of every array in an HLO shape string, e.g. '(bf16[2,3]{1,0}, f32[4])' ->
+    28. Arrays whose layout puts them in another memory space (XLA:TPU's S(1), on-chip
+    VMEM) do not count."""
     total = 0.0
-    for dtype, dims in _ARRAY.findall(shape):
+    for dtype, dims, layout in _ARRAY.findall(shape):
+        if "S(" in layout:
+            continue
         n = 1
         for d in filter(None, dims.split(",")):
             n *= int(d)
