@@ -5,7 +5,6 @@ same command resumes from the latest checkpoint in DIR.
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import logging as pylogging
 import os
@@ -15,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dico_jax import host_memory, train
+from dico_jax import sharding as sharding_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -34,10 +34,8 @@ def on_multiprocess_runtime() -> bool:
         return True
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         return True
-    # A Cloud TPU VM exposes its chips as /dev/accel* (or /dev/vfio/<n> on newer chips) and
-    # has libtpu installed.
-    has_chips = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-    return has_chips and importlib.util.find_spec("libtpu") is not None
+    # A Cloud TPU VM has chips and libtpu installed.
+    return sharding_lib.tpu_chips_present() and importlib.util.find_spec("libtpu") is not None
 
 
 class _QuietOrbax(pylogging.Filter):

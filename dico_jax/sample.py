@@ -44,10 +44,8 @@ def image_space(config: Mapping[str, Any], workdir: str | None = None) -> data_s
     """What the run's network generates: from its dataset manifest when that is readable,
     else from the workdir's config.json (the latent shape training recorded), else from the
     config alone (`dico_jax.data.spec`)."""
-    data_dir = config.get("data", {}).get("dir") or ""
-    has_manifest = data_dir and os.path.isfile(os.path.join(data_dir, "manifest.json"))
     run_record = os.path.join(workdir, "config.json") if workdir else ""
-    if not has_manifest and run_record and os.path.isfile(run_record):
+    if not data_spec.manifest_dir(config) and run_record and os.path.isfile(run_record):
         with open(run_record) as f:
             shape = json.load(f).get("latent_shape")
         if shape:

@@ -4,6 +4,7 @@ The same rules serve one CPU (every axis of size 1), fake CPU devices in tests a
 """
 from __future__ import annotations
 
+import glob
 import math
 from typing import Any, Mapping, Sequence
 
@@ -13,6 +14,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+
+
+def tpu_chips_present() -> bool:
+    """Whether this host is a Cloud TPU VM: its chips show as /dev/accel* (or /dev/vfio/<n>
+    on newer generations)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def resolve_axis_sizes(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import jax
@@ -241,11 +241,13 @@ def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 # Throughput.
 
 
+def per_chip(table: Sequence[tuple[str, float]], device_kind: str, default: float) -> float:
+    """The value of the first name in `table` found in `device_kind` (case apart)."""
+    return next((v for name, v in table if name.lower() in device_kind.lower()), float(default))
+
+
 def peak_flops_per_chip(device_kind: str, default: float) -> float:
-    for name, flops in PEAK_BF16_FLOPS:
-        if name.lower() in device_kind.lower():
-            return flops
-    return float(default)
+    return per_chip(PEAK_BF16_FLOPS, device_kind, default)
 
 
 def model_flops_utilization(images_per_sec: float, flops_per_image: float,
@@ -299,7 +301,7 @@ def check_data_matches_config(config: ml_collections.ConfigDict, manifest: Any,
     from dico_jax.data import spec as data_spec
 
     h, w, c = manifest.latent_shape
-    downsample = 1 if manifest.vae in ("", "none") else data_spec.SD_VAE_DOWNSAMPLE
+    downsample = 1 if manifest.pixels else data_spec.SD_VAE_DOWNSAMPLE
     if h * downsample != config.resolution or w * downsample != config.resolution:
         raise ValueError(
             f"config.resolution={config.resolution} needs {config.resolution // downsample}^2 "
@@ -503,8 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("train step compiled in %.1f s", compile_secs)
 
     sampler = grid_shape = None
-    pixel_space = manifest.vae in ("", "none")
-    if pixel_space and (config.sample_every_steps or config.sample_at_end):
+    if manifest.pixels and (config.sample_every_steps or config.sample_at_end):
         from dico_jax import sampling_grid
 
         sampler, grid_shape = sampling_grid.make_grid_sampler(model, config, latent_shape, mesh)

@@ -139,15 +139,27 @@ def test_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
     assert row["chip_memory_bytes"] == int(15.75 * 2**30) and row["fits"] is True
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed")
-def test_topology_without_libtpu_says_what_to_install():
+@pytest.mark.parametrize("topology,command", [
+    pytest.param("v5e:2x2", f"pip install --target DIR '{plan.libtpu_requirement()}'",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
+                                          reason="libtpu is installed")),
+    pytest.param("h200", "pip install --no-deps --target DIR "
+                 + " ".join(f"'{r}'" for r in plan.cuda_plugin_requirements()),
+                 marks=pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None,
+                                          reason="JAX's CUDA plugin is installed")),
+])
+def test_topology_without_its_compiler_says_what_to_install(topology, command):
     proc = subprocess.run(
         [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
-         "--topology=v5e:2x2"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+         f"--topology={topology}"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert f"pip install --target DIR '{plan.libtpu_requirement()}'" in proc.stderr
+    assert command in proc.stderr
+
+
+def test_compiler_packages_follow_this_jax():
     assert plan.libtpu_requirement().startswith("libtpu")
+    assert plan.cuda_plugin_requirements()[0] == f"jax-cuda12-plugin=={jax.__version__}"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
@@ -168,19 +180,6 @@ def test_plan_for_gpus_without_a_gpu(tmp_path):
     assert row["bound_images_per_s"] > 0 and 0 < row["bound_mfu"] <= 1
     assert row["step_collective_bytes"] > 0
     assert "at most" in proc.stdout
-
-
-@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None,
-                    reason="JAX's CUDA plugin is installed")
-def test_gpu_topology_without_the_plugin_says_what_to_install():
-    proc = subprocess.run(
-        [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
-         "--topology=h200"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
-    packages = " ".join(f"'{r}'" for r in plan.cuda_plugin_requirements())
-    assert f"pip install --no-deps --target DIR {packages}" in proc.stderr
-    assert plan.cuda_plugin_requirements()[0] == f"jax-cuda12-plugin=={jax.__version__}"
 
 
 def test_gpu_targets_describe_the_chip():

@@ -84,6 +84,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     @property
+    def pixels(self) -> bool:
+        """The arrays are images in [-1, 1], not VAE latents (no `vae` named)."""
+        return self.vae in ("", "none")
+
+    @property
     def record_shape(self) -> tuple[int, ...]:
         return (self.views, STORAGE_PARTS[self.storage], *self.latent_shape)
 

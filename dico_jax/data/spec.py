@@ -26,9 +26,16 @@ class DataSpec:
 
 
 def from_manifest(manifest: records.Manifest) -> DataSpec:
-    vae = manifest.vae not in ("", "none")
+    vae = not manifest.pixels
     return DataSpec(tuple(manifest.latent_shape), int(manifest.num_classes), vae,
                     manifest.scale_factor if vae else 1.0)
+
+
+def manifest_dir(config: Mapping[str, Any]) -> str:
+    """config.data.dir when it holds a dataset manifest, else ''."""
+    data_dir = (config.get("data") or {}).get("dir") or ""
+    has_manifest = data_dir and os.path.isfile(os.path.join(data_dir, records.MANIFEST_NAME))
+    return data_dir if has_manifest else ""
 
 
 def from_config(config: Mapping[str, Any]) -> DataSpec:
@@ -36,8 +43,8 @@ def from_config(config: Mapping[str, Any]) -> DataSpec:
     from dico_jax.models.vae import SD_VAE_SCALING_FACTOR
 
     data, model = config.get("data") or {}, config.get("model") or {}
-    data_dir = data.get("dir") or ""
-    if data_dir and os.path.isfile(os.path.join(data_dir, records.MANIFEST_NAME)):
+    data_dir = manifest_dir(config)
+    if data_dir:
         return from_manifest(records.read_manifest(data_dir))
     builtin = data.get("builtin") or ""
     if builtin == "digits":

@@ -153,9 +153,8 @@ def profile_train_step(run_step: Callable[[], Any], compiled, out_dir: str, step
     summary = profile_summary.summarize(out_dir, hlo_text, steps)
     print(f"profile of the train step ({out_dir}):")
     profile_summary.print_summary(summary)
-    peaks = roofline.chip_peaks(jax.devices()[0].device_kind, dtype)
-    if peaks:
-        bound = roofline.summarize(roofline.kernels(hlo_text), *peaks)
+    bound = roofline.analyze(hlo_text, jax.devices()[0].device_kind, dtype)
+    if "bound_s" in bound:
         summary["roofline_bound_ms"] = 1e3 * bound["bound_s"]
         measured = summary["device_ms_per_step"]
         print(f"roofline bound of this program: {summary['roofline_bound_ms']:.2f} ms per step "

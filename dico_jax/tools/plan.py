@@ -26,7 +26,6 @@ TPU or GPU plan (XLA:CPU computes bf16 in fp32 and fuses differently).
 from __future__ import annotations
 
 import ast
-import glob
 import gzip
 import importlib.metadata
 import importlib.util
@@ -183,7 +182,7 @@ def _prepare_libtpu_off_tpu(topology: str) -> None:
     """Off a TPU VM, libtpu looks for the VM's accelerator type and worker hostnames and logs
     errors when it finds none: name this host and the slice compiled for instead. With no
     chips to guard, its one-process lock would only stop plans from running side by side."""
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    if sharding_lib.tpu_chips_present():
         return
     generation, _, shape = topology.partition(":")
     chips = int(np.prod([int(d) for d in shape.split("x") if d.isdigit()] or [1]))
@@ -340,14 +339,13 @@ def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
 def step_roofline(hlo_text: str, device_kind: str, dtype: str, batch_per_chip: float) -> dict:
     """Per chip and step: FLOPs, HBM bytes, launches and, for a known chip, the roofline
     bound (`tools/roofline.py`), as row fields."""
-    peaks = roofline.chip_peaks(device_kind, dtype)
-    summary = roofline.summarize(roofline.kernels(hlo_text), *(peaks or (None, None)))
+    summary = roofline.analyze(hlo_text, device_kind, dtype)
     fields = {"step_flops": summary["flops"], "step_hbm_bytes": summary["hbm_bytes"],
               "step_launches": summary["launches"],
               "step_collective_bytes": summary["collective_bytes"], "roofline": summary}
     if "bound_s" in summary:
         fields["bound_images_per_s"] = batch_per_chip / summary["bound_s"]
-        fields["bound_mfu"] = summary["flops"] / summary["bound_s"] / peaks[0]
+        fields["bound_mfu"] = summary["flops_s"] / summary["bound_s"]
     return fields
 
 

@@ -397,12 +397,18 @@ def chip_peaks(device_kind: str, dtype: str) -> tuple[float, float] | None:
     """(matmul FLOP/s, HBM bytes/s) for the compute dtype: fp32 matmuls on these GPUs run as
     TF32 on the tensor cores at half the bf16 rate; TPUs run them as bf16 passes."""
     flops = train.peak_flops_per_chip(device_kind, default=0.0)
-    bandwidth = next((b for name, b in HBM_BANDWIDTH if name.lower() in device_kind.lower()), None)
-    if not flops or bandwidth is None:
+    bandwidth = train.per_chip(HBM_BANDWIDTH, device_kind, default=0.0)
+    if not flops or not bandwidth:
         return None
     if dtype == "float32" and "nvidia" in device_kind.lower():
         flops /= 2
     return flops, bandwidth
+
+
+def analyze(hlo_text: str, device_kind: str, dtype: str) -> dict:
+    """`summarize` of a compiled program for the chip it was compiled for (with the bound
+    where the chip's peaks are known)."""
+    return summarize(kernels(hlo_text), *(chip_peaks(device_kind, dtype) or (None, None)))
 
 
 def format_parts(summary: dict, batch: int) -> str:
