@@ -2,6 +2,7 @@
 import csv
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,24 @@ def test_modulated_layer_norm_gradient_matches_autodiff(dtype, tol):
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err < tol, f"d{name}: relative error {err:.2e}"
+
+
+def test_layer_norm_gradient_reads_the_saved_statistics():
+    """The statistics leave the forward rule through an optimization barrier, so XLA keeps
+    them for the backward pass instead of recomputing them inside each consumer (which on
+    XLA:GPU wrote a full-size fp32 tensor per layer norm; README, roofline). The barrier sits
+    in the gradient's forward rule only: inference has none."""
+    x = jnp.ones((2, 4, 4, 8), jnp.bfloat16)
+    shift = scale = jnp.zeros((2, 8))
+
+    def grads(x, shift, scale, dy):
+        return jax.vjp(L.modulated_layer_norm, x, shift, scale)[1](dy)
+
+    barriers = re.findall(r"stablehlo.optimization_barrier (.*) :",
+                          jax.jit(grads).lower(x, shift, scale, x).as_text())
+    assert len(barriers) == 1 and barriers[0].count("%") == 2, barriers  # mean and 1/std
+    assert "optimization_barrier" not in jax.jit(L.modulated_layer_norm).lower(
+        x, shift, scale).as_text()
 
 
 def test_gelu_value_and_gradient_match_exact_erf_gelu():

@@ -106,6 +106,8 @@ def test_plan_cli_prints_the_table_and_writes_json(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["remat"] for r in rows] == ["none", "full"]
     assert all(r["mesh"] == {"data": 2, "fsdp": 2} and r["batch_per_chip"] == 16 for r in rows)
+    # depthwise_impl="auto" is resolved for the target (here a CPU: the shifted form).
+    assert all(r["depthwise"] == "shift" for r in rows) and " scan/shift " in proc.stdout
     # Rematerializing every block keeps fewer activations for the backward pass, and runs
     # the forward pass again in the backward one.
     assert rows[1]["temp_bytes"] < rows[0]["temp_bytes"]
@@ -136,6 +138,7 @@ def test_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert row["device"] == "TPU v5 lite" and row["chips"] == 4
+    assert row["depthwise"] == "conv"  # "auto" as a TPU runs it, not as this CPU host would
     assert row["chip_memory_bytes"] == int(15.75 * 2**30) and row["fits"] is True
 
 
@@ -176,6 +179,7 @@ def test_plan_for_gpus_without_a_gpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert row["device"] == "NVIDIA H100 80GB HBM3" and row["chips"] == 2
+    assert row["depthwise"] == "conv"  # "auto" as a GPU runs it, not as this CPU host would
     assert row["chip_memory_bytes"] == int(81559 * 2**20 * 0.75) and row["fits"] is True
     assert row["bound_images_per_s"] > 0 and 0 < row["bound_mfu"] <= 1
     assert row["step_collective_bytes"] > 0

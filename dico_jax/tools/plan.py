@@ -47,6 +47,7 @@ from dico_jax import sharding as sharding_lib
 from dico_jax import train
 from dico_jax.data import spec as data_spec
 from dico_jax.diffusion import create_diffusion
+from dico_jax.models import depthwise_for
 from dico_jax.tools import roofline
 
 GIB = 2**30
@@ -275,6 +276,8 @@ def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
         raise ValueError(f"step must be 'train' or 'forward', got {step!r}")
     spec = data_spec.from_config(config)
     config = train.resolve_config(config, spec)
+    if config.model.depthwise_impl == "auto":  # as the target runs it, not as this host would
+        config.model.depthwise_impl = depthwise_for(devices[0].platform)
     mesh = sharding_lib.create_mesh(config.mesh, devices)
     model = train.build_model(config)
     tx, schedule = train.make_optimizer(config)
@@ -296,7 +299,8 @@ def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
     row = {
         "step": step, "device": devices[0].device_kind, "chips": n, "model": config.model.name,
         "resolution": int(config.resolution), "dtype": config.dtype, "remat": config.remat,
-        "scan": bool(config.model.scan), "mesh": dict(mesh.shape),
+        "scan": bool(config.model.scan), "depthwise": config.model.depthwise_impl,
+        "mesh": dict(mesh.shape),
         "global_batch": int(config.global_batch_size),
         "batch_per_chip": int(config.global_batch_size) / n,
         "params": sum(x.size for x in jax.tree.leaves(abstract.params)),
@@ -353,7 +357,7 @@ def format_table(rows: Sequence[dict]) -> str:
     def gib(b):
         return "-" if b is None else f"{b / GIB:.2f}"
 
-    head = (f"{'model':8} {'res':>4} {'dtype':9} {'remat':13} {'blocks':6} {'mesh d x f':10} "
+    head = (f"{'model':8} {'res':>4} {'dtype':9} {'remat':13} {'blocks':10} {'mesh d x f':10} "
             f"{'batch/chip':>10} {'state':>6} {'temp':>6} {'total':>6} {'chip':>6} {'fits':5} "
             f"{'compile s':>9} {'TFLOP':>6} {'HBM GB':>7} {'img/s <=':>8}")
     lines = [head]
@@ -363,7 +367,8 @@ def format_table(rows: Sequence[dict]) -> str:
                                  r.get("bound_images_per_s"))
         lines.append(
             f"{r['model']:8} {r['resolution']:>4} {r['dtype']:9} {r['remat']:13} "
-            f"{'scan' if r['scan'] else 'loop':6} {r['mesh']['data']:>4} x {r['mesh']['fsdp']:<3} "
+            f"{('scan' if r['scan'] else 'loop') + '/' + r['depthwise']:10} "
+            f"{r['mesh']['data']:>4} x {r['mesh']['fsdp']:<3} "
             f"{r['batch_per_chip']:>10g} {gib(r['state_bytes_per_chip']):>6} "
             f"{gib(r.get('temp_bytes', r.get('temp_needed_bytes'))):>6} "
             f"{gib(r.get('total_bytes')):>6} "
