@@ -51,7 +51,7 @@ P=/tmp/dico_profile
 run bf16 200 --dtypes bfloat16 --depthwise conv --torch --profile $P
 run bf16_loop 150 --dtypes bfloat16 --depthwise conv --unrolled --parts train --profile $P
 # XLA's pass (off by default) that skips zero-filling the scan's stacked residuals, which the
-# roofline (dico_jax.tools.roofline) counts at 13 GB of the step's 369 GB at batch 64.
+# roofline (dico_jax.tools.roofline) counts at 13 GB of the step's 373 GB at batch 64.
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dus_accumulator_zero_init_elimination=true" \
   run bf16_nofill 80 --dtypes bfloat16 --depthwise conv --parts train
 run bf16_dots 80 --dtypes bfloat16 --depthwise conv --remat dots --parts train --profile $P
