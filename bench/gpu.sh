@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark as one command: DiCo-XL train/forward/sampler in bf16 and fp32 against the
 # PyTorch reference, a profile of the bf16 train step (with its roofline bound beside the
-# measured device time), and the loop, fill, remat and depthwise variants.
+# measured device time), and the Pallas layer-norm, loop, fill, remat and depthwise variants.
 #
 #   OUT=results bash bench/gpu.sh [BUDGET_S]
 #
@@ -49,6 +49,9 @@ run() {
 
 P=/tmp/dico_profile
 run bf16 200 --dtypes bfloat16 --depthwise conv --torch --profile $P
+# The layer norms' training path as Pallas kernels (dico_jax/models/fused_norm.py): their
+# first run on a GPU; planned at 358 GB per step against 373 (bound 683 img/s against 661).
+run bf16_pallas 100 --dtypes bfloat16 --depthwise conv --norm pallas --parts train --profile $P
 run bf16_loop 150 --dtypes bfloat16 --depthwise conv --unrolled --parts train --profile $P
 # XLA's pass (off by default) that skips zero-filling the scan's stacked residuals, which the
 # roofline (dico_jax.tools.roofline) counts at 13 GB of the step's 373 GB at batch 64.
@@ -59,6 +62,8 @@ run bf16_shift 80 --dtypes bfloat16 --depthwise shift --parts train
 run fp32 150 --dtypes float32 --depthwise conv --torch
 # The plan's best bound (Python loop, batch 128): its later --batch overrides $BATCH.
 run bf16_loop_b128 150 --dtypes bfloat16 --depthwise conv --unrolled --parts train --batch 128
+run bf16_loop_b128_pallas 150 --dtypes bfloat16 --depthwise conv --norm pallas --unrolled \
+  --parts train --batch 128
 
 # Traces, optimized HLO and JSON rows in one archive (the log stays beside it).
 (cd $P && tar czf "$OUT/results.tar.gz" */train_step.hlo.txt.gz \

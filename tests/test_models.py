@@ -188,7 +188,8 @@ def test_timestep_embedding_formula():
 
 
 def test_variants_agree_depthwise_scan_remat():
-    """shift vs conv depthwise, Python loop vs scan, remat: same function, same gradient."""
+    """shift vs conv depthwise, Python loop vs scan, remat, the Pallas layer norms (through
+    Pallas's interpreter here): same function, same gradient."""
     x, t, y = _inputs()
     base = get_model("DiCo-S", **TINY, depthwise_impl="conv")
     params = random_params(base)
@@ -199,7 +200,8 @@ def test_variants_agree_depthwise_scan_remat():
 
     ref_loss, ref_grad = loss_and_grad(base)
     for variant in (dict(depthwise_impl="shift", scan=False), dict(remat="full"),
-                    dict(remat="dots"), dict(remat="linear", scan=False)):
+                    dict(remat="dots"), dict(remat="linear", scan=False),
+                    dict(norm_impl="pallas_interpret", remat="linear")):
         loss, grad = loss_and_grad(base.clone(**variant))
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(variant))
         for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):

@@ -175,15 +175,25 @@ def test_plan_for_gpus_without_a_gpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
          "--topology=h100:2", "--config.mesh.fsdp=2", "--config.dtype=bfloat16", "--breakdown",
-         f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+         "--vary=model.norm_impl=xla,pallas", f"--json={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())
+    row, kernels = json.loads(out.read_text())
     assert row["device"] == "NVIDIA H100 80GB HBM3" and row["chips"] == 2
     assert row["depthwise"] == "conv"  # "auto" as a GPU runs it, not as this CPU host would
     assert row["chip_memory_bytes"] == int(81559 * 2**20 * 0.75) and row["fits"] is True
     assert row["bound_images_per_s"] > 0 and 0 < row["bound_mfu"] <= 1
     assert row["step_collective_bytes"] > 0
     assert "at most" in proc.stdout
+
+    # The Pallas layer norms compile for the GPU too, each on its batch shard, and move fewer
+    # bytes than XLA's (the roofline counts the Triton kernels' operands and results).
+    def layer_norm_bytes(r):
+        return sum(p["bytes"] for p in r["roofline"]["parts"] if p["part"] == "layer norm")
+
+    assert kernels["norm"] == "pallas" and "scan/conv/pallas" in proc.stdout
+    assert 0 < layer_norm_bytes(kernels) < layer_norm_bytes(row)
+    assert kernels["step_hbm_bytes"] < row["step_hbm_bytes"]
 
 
 def test_gpu_targets_describe_the_chip():

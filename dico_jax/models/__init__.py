@@ -37,7 +37,8 @@ def get_model(name: str, **overrides) -> DiCo:
     Overrides: hidden_size, depths, mlp_ratio, in_channels, out_channels (default
     2 x in_channels, the learned variance), learn_sigma, num_classes, class_dropout_prob,
     dtype (compute dtype; parameters stay fp32), remat ("none", "full", "dots",
-    "dots_no_batch", or a bool), scan, depthwise_impl ("auto", "conv", "shift").
+    "dots_no_batch", or a bool), scan, depthwise_impl ("auto", "conv", "shift"),
+    norm_impl ("xla", "pallas", "pallas_interpret").
     """
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")

@@ -75,6 +75,7 @@ class BlockStack(nn.Module):
     remat: str = "none"
     scan: bool = True
     depthwise_impl: str = "conv"
+    norm_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, c):
@@ -97,7 +98,8 @@ class BlockStack(nn.Module):
         x, c = sharding.constrain_batch(x), sharding.constrain_batch(c)
 
         def block(x, p):
-            return sharding.constrain_batch(L.dico_block(p, x, c, self.depthwise_impl))
+            return sharding.constrain_batch(L.dico_block(p, x, c, self.depthwise_impl,
+                                                      self.norm_impl))
 
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
@@ -142,6 +144,7 @@ class DiCo(nn.Module):
     remat: str = "none"
     scan: bool = True
     depthwise_impl: str = "auto"
+    norm_impl: str = "xla"
 
     @property
     def null_label(self) -> int:
@@ -157,6 +160,8 @@ class DiCo(nn.Module):
         C = self.hidden_size
         if len(self.depths) != 5:
             raise ValueError(f"depths must have 5 entries (enc1, enc2, mid, dec2, dec1), got {self.depths}")
+        if self.norm_impl not in L.NORM_IMPLS:
+            raise ValueError(f"norm_impl must be one of {L.NORM_IMPLS}, got {self.norm_impl!r}")
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"x must be (N, H, W, {self.in_channels}), got {x.shape}")
         if x.shape[1] % 4 or x.shape[2] % 4:
@@ -182,7 +187,7 @@ class DiCo(nn.Module):
 
         dtype, impl = self.dtype, self._depthwise_impl()
         level = lambda name, width, depth: BlockStack(  # noqa: E731
-            width, depth, self.mlp_ratio, self.remat, self.scan, impl, name=name)
+            width, depth, self.mlp_ratio, self.remat, self.scan, impl, self.norm_impl, name=name)
 
         # Patch embed: xavier-uniform on the (C, in*9) view, as for a Linear.
         pe = _conv3x3("x_embedder", self.in_channels, C,
@@ -209,13 +214,14 @@ class DiCo(nn.Module):
         h = L.dense(jnp.concatenate([h, enc1], axis=-1), r1["kernel"], r1["bias"], dtype)
         h = level("decoder_level_1", 2 * C, self.depths[4])(h, c2)
 
-        return FinalLayer(self.out_channels, name="final_layer")(h, c2, dtype)
+        return FinalLayer(self.out_channels, self.norm_impl, name="final_layer")(h, c2, dtype)
 
 
 class FinalLayer(nn.Module):
     """LayerNorm with adaLN (shift, scale) on c, then a 3x3 conv to out_channels; zero-init."""
 
     out_channels: int
+    norm_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, c, dtype):
@@ -223,5 +229,5 @@ class FinalLayer(nn.Module):
         ada = _linear("adaLN_modulation", d, 2 * d, L.zeros)()
         out = _conv3x3("out_proj", d, self.out_channels, L.zeros)()
         shift, scale = jnp.split(L.dense(jax.nn.silu(c), ada["kernel"], ada["bias"]), 2, axis=-1)
-        h = L.modulated_layer_norm(x, shift, scale)
+        h = L.modulated_layer_norm(x, shift, scale, self.norm_impl)
         return L.conv3x3(h, out["kernel"], out["bias"], dtype).astype(jnp.float32)

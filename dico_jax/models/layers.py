@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from dico_jax.models import fused_norm
+
 Array = jax.Array
 LN_EPS = 1e-6
 
@@ -151,16 +153,43 @@ def _depthwise_shift_bwd(res, g):
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
+NORM_IMPLS = ("xla", "pallas", "pallas_interpret")
+
+
 @_scoped
-def modulated_layer_norm(x: Array, shift: Array, scale: Array) -> Array:
+def modulated_layer_norm(x: Array, shift: Array, scale: Array, impl: str = "xla") -> Array:
     """LayerNorm over channels (no affine, eps 1e-6), then x (1 + scale) + shift.
 
     Statistics are taken in fp32 whatever the compute dtype; shift and scale are (N, C).
-    The gradient is written out (`_mln_bwd`) so that the backward pass keeps only x and the
-    per-pixel mean and 1/std: autodiff of the fp32 forward would keep three full-size fp32
-    tensors per call, which dominates memory traffic in bf16 training.
+    The gradient is written out so that the backward pass keeps only x and the per-pixel
+    mean and 1/std: autodiff of the fp32 forward would keep three full-size fp32 tensors per
+    call, which dominates memory traffic in bf16 training. `impl` says what computes it when
+    differentiated: "xla" (`_mln_fwd`, `_mln_bwd`), "pallas" (the GPU kernels of
+    `fused_norm`, one pass over memory each way) or "pallas_interpret" (those kernels run by
+    Pallas's interpreter on any backend: slow, for checking them on a CPU). Undifferentiated
+    (sampling, evaluation) every impl is XLA's: there XLA fuses the layer norm with the
+    residual sums around it and never writes their result, which the kernel cannot match.
     """
-    return _modulated_layer_norm(x, shift, scale)
+    if impl == "xla":
+        return _modulated_layer_norm(x, shift, scale)
+    return _kernel_layer_norm(x, shift, scale, _interpret(impl))
+
+
+def modulated_layer_norm_and_skip(x: Array, shift: Array, scale: Array,
+                                  impl: str = "xla") -> tuple[Array, Array]:
+    """(modulated_layer_norm(x, shift, scale, impl), x) for a block's residual branch: with
+    the Pallas kernels, the gradient arriving along the returned x is added in the layer
+    norm's backward kernel, which saves a pass over the input gradient."""
+    if impl == "xla":
+        return modulated_layer_norm(x, shift, scale), x
+    with jax.named_scope("modulated_layer_norm"):
+        return _kernel_layer_norm_and_skip(x, shift, scale, _interpret(impl))
+
+
+def _interpret(impl: str) -> bool:
+    if impl not in NORM_IMPLS:
+        raise ValueError(f"norm impl must be one of {NORM_IMPLS}, got {impl!r}")
+    return impl == "pallas_interpret"
 
 
 def _ln_stats(x: Array) -> tuple[Array, Array, Array]:
@@ -204,6 +233,47 @@ def _modulated_layer_norm(x: Array, shift: Array, scale: Array) -> Array:
 
 
 _modulated_layer_norm.defvjp(_mln_fwd, _mln_bwd)
+
+
+# The kernel versions: same primal (XLA's), forward and backward rules by `fused_norm`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_layer_norm(x, shift, scale, interpret):
+    return _mln_apply(x, shift, scale)[0]
+
+
+def _kln_fwd(x, shift, scale, interpret):
+    y, mean, rstd = fused_norm.forward(x, shift, scale, interpret)
+    return y, (x, mean, rstd, shift, scale)
+
+
+def _kln_bwd(interpret, res, dy):
+    return _kernel_grads(interpret, res, dy, None)
+
+
+def _kernel_grads(interpret, res, dy, dskip):
+    x, mean, rstd, shift, scale = res
+    dx, d_shift, d_scale = fused_norm.backward(x, mean, rstd, scale, dy, dskip, interpret)
+    return dx, d_shift.astype(shift.dtype), d_scale.astype(scale.dtype)
+
+
+_kernel_layer_norm.defvjp(_kln_fwd, _kln_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_layer_norm_and_skip(x, shift, scale, interpret):
+    return _mln_apply(x, shift, scale)[0], x
+
+
+def _klns_fwd(x, shift, scale, interpret):
+    y, res = _kln_fwd(x, shift, scale, interpret)
+    return (y, x), res
+
+
+def _klns_bwd(interpret, res, grads):
+    return _kernel_grads(interpret, res, *grads)
+
+
+_kernel_layer_norm_and_skip.defvjp(_klns_fwd, _klns_bwd)
 
 
 @_scoped
@@ -279,7 +349,8 @@ LINEAR_OUTPUTS = ("conv1", "depthwise", "attention", "conv3", "residual", "conv4
 
 
 @_scoped
-def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv") -> Array:
+def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
+               norm_impl: str = "xla") -> Array:
     """One DiCo block on x (N, H, W, D) conditioned on c (N, D); `p` holds one layer's params.
 
     adaLN (shift, scale, gate) x 2; conv branch 1x1 -> depthwise 3x3 -> GELU -> compact
@@ -291,7 +362,7 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv") -> Arr
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
 
     # The names mark what remat="linear" keeps for the backward pass (LINEAR_OUTPUTS).
-    h = modulated_layer_norm(x, shift1, scale1)
+    h, x = modulated_layer_norm_and_skip(x, shift1, scale1, norm_impl)
     h = checkpoint_name(dense(h, p["conv1"]["kernel"], p["conv1"]["bias"], dtype), "conv1")
     h = checkpoint_name(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl),
                         "depthwise")
@@ -299,7 +370,7 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv") -> Arr
     h = checkpoint_name(dense(h, p["conv3"]["kernel"], p["conv3"]["bias"], dtype), "conv3")
     x = checkpoint_name(x + gate1[:, None, None, :].astype(dtype) * h, "residual")
 
-    m = modulated_layer_norm(x, shift2, scale2)
+    m, x = modulated_layer_norm_and_skip(x, shift2, scale2, norm_impl)
     m = checkpoint_name(dense(m, p["conv4"]["kernel"], p["conv4"]["bias"], dtype), "conv4")
     m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], p["conv5"]["bias"], dtype), "conv5")
     return x + gate2[:, None, None, :].astype(dtype) * m

@@ -57,8 +57,9 @@ def peak_memory_gib() -> float | None:
 def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repeats: int,
               sample_steps: int, sample_batch: int, remat: str, cpu_peak: float,
               depthwise: str = "auto", profile_dir: str | None = None, scan: bool = True,
-              parts: tuple[str, ...] = ("train", "forward", "sample")) -> dict:
-    model = get_model(name, dtype=dtype, remat=remat, depthwise_impl=depthwise, scan=scan)
+              parts: tuple[str, ...] = ("train", "forward", "sample"), norm: str = "xla") -> dict:
+    model = get_model(name, dtype=dtype, remat=remat, depthwise_impl=depthwise, scan=scan,
+                      norm_impl=norm)
     diffusion = create_diffusion("")
     tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
     shape = (res, res, model.in_channels)
@@ -86,7 +87,7 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
     profile = None
     if profile_dir:
         profile = profile_train_step(run_step, compiled, os.path.join(
-            profile_dir, f"{name}_{dtype}_{depthwise}_{'scan' if scan else 'loop'}_{remat}_b{batch}"),
+            profile_dir, f"{name}_{dtype}_{depthwise}_{norm}_{'scan' if scan else 'loop'}_{remat}_b{batch}"),
             dtype=dtype, batch=batch)
     params = holder["state"].params
     fwd_s = sample_s = None
@@ -103,7 +104,7 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
         tflops = None
     return {
         "impl": "jax", "model": name, "dtype": dtype, "batch": batch, "res": res, "remat": remat,
-        "scan": scan, "depthwise": depthwise,
+        "scan": scan, "depthwise": depthwise, "norm": norm,
         "compile_s": compile_s, "train_img_s": train_ips, "train_tflops": tflops,
         "mfu": None if tflops is None else tflops * 1e12 / peak_flops_per_chip(device.device_kind, cpu_peak),
         "fwd_img_s": None if fwd_s is None else fwd_batch / fwd_s,
@@ -244,13 +245,13 @@ def print_table(rows: list[dict], host_memory_retained: bool = False) -> None:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"{time.strftime('%Y-%m-%d')}"
           + (", host allocator keeps freed memory (dico_jax.host_memory)" if host_memory_retained else ""))
-    head = (f"{'impl':5} {'model':8} {'dtype':9} {'dwconv':6} {'blocks':11} {'batch':>5} {'compile s':>9} {'train img/s':>11} "
+    head = (f"{'impl':5} {'model':8} {'dtype':9} {'dwconv':6} {'norm':6} {'blocks':11} {'batch':>5} {'compile s':>9} {'train img/s':>11} "
             f"{'TFLOP/s':>8} {'MFU':>6} {'fwd img/s':>10} {'250-step img/s':>14} {'peak GiB':>8} "
             f"{'train x torch':>13} {'fwd x torch':>11}")
     print(head)
     for r in rows:
         blocks = "-" if "scan" not in r else ("scan" if r["scan"] else "loop") + "/" + r["remat"]
-        print(f"{r['impl']:5} {r['model']:8} {r['dtype']:9} {r.get('depthwise', '-'):6} {blocks:11} {r['batch']:5d} "
+        print(f"{r['impl']:5} {r['model']:8} {r['dtype']:9} {r.get('depthwise', '-'):6} {r.get('norm', '-')[:6]:6} {blocks:11} {r['batch']:5d} "
               f"{fmt(r.get('compile_s'), '9.1f')} {fmt(r['train_img_s'], '11.2f')} "
               f"{fmt(r.get('train_tflops'), '8.3f')} {fmt(r.get('mfu'), '6.1%')} "
               f"{fmt(r.get('fwd_img_s'), '10.2f')} {fmt(r.get('sample250_img_s'), '14.3f')} "
@@ -277,6 +278,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--depthwise", default="auto",
                     help="depthwise 3x3 as 'conv' (grouped conv), 'shift' (9 multiply-adds) or "
                          "'auto' (shift on CPU, conv elsewhere); a comma list times each")
+    ap.add_argument("--norm", default="xla",
+                    help="layer norms as 'xla' (compiler-fused) or 'pallas' (GPU kernels)")
     ap.add_argument("--cpu-peak-tflops", type=float, default=1.0,
                     help="peak used for MFU when the device is not a known accelerator")
     ap.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
@@ -314,7 +317,7 @@ def main(argv=None) -> list[dict]:
                 row = bench_jax(name, dtype, args.batch, fwd_batch, args.res, args.repeats,
                                 args.sample_steps, args.sample_batch or args.batch,
                                 args.remat, args.cpu_peak_tflops * 1e12, depthwise, args.profile,
-                                not args.unrolled, parts)
+                                not args.unrolled, parts, args.norm)
                 if ref is not None:
                     row["train_vs_torch"] = row["train_img_s"] / ref["train_img_s"]
                     if row["fwd_img_s"] is not None:

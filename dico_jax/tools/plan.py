@@ -300,6 +300,7 @@ def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
         "step": step, "device": devices[0].device_kind, "chips": n, "model": config.model.name,
         "resolution": int(config.resolution), "dtype": config.dtype, "remat": config.remat,
         "scan": bool(config.model.scan), "depthwise": config.model.depthwise_impl,
+        "norm": config.model.get("norm_impl", "xla"),
         "mesh": dict(mesh.shape),
         "global_batch": int(config.global_batch_size),
         "batch_per_chip": int(config.global_batch_size) / n,
@@ -353,11 +354,18 @@ def step_roofline(hlo_text: str, device_kind: str, dtype: str, batch_per_chip: f
     return fields
 
 
+def _blocks(row: dict) -> str:
+    """How the blocks run: scan or loop, the depthwise form, and the layer norm if not XLA's."""
+    norm = row.get("norm", "xla")
+    return "/".join([("scan" if row["scan"] else "loop"), row["depthwise"]]
+                    + ([] if norm == "xla" else [norm]))
+
+
 def format_table(rows: Sequence[dict]) -> str:
     def gib(b):
         return "-" if b is None else f"{b / GIB:.2f}"
 
-    head = (f"{'model':8} {'res':>4} {'dtype':9} {'remat':13} {'blocks':10} {'mesh d x f':10} "
+    head = (f"{'model':8} {'res':>4} {'dtype':9} {'remat':13} {'blocks':16} {'mesh d x f':10} "
             f"{'batch/chip':>10} {'state':>6} {'temp':>6} {'total':>6} {'chip':>6} {'fits':5} "
             f"{'compile s':>9} {'TFLOP':>6} {'HBM GB':>7} {'img/s <=':>8}")
     lines = [head]
@@ -367,7 +375,7 @@ def format_table(rows: Sequence[dict]) -> str:
                                  r.get("bound_images_per_s"))
         lines.append(
             f"{r['model']:8} {r['resolution']:>4} {r['dtype']:9} {r['remat']:13} "
-            f"{('scan' if r['scan'] else 'loop') + '/' + r['depthwise']:10} "
+            f"{_blocks(r):16} "
             f"{r['mesh']['data']:>4} x {r['mesh']['fsdp']:<3} "
             f"{r['batch_per_chip']:>10g} {gib(r['state_bytes_per_chip']):>6} "
             f"{gib(r.get('temp_bytes', r.get('temp_needed_bytes'))):>6} "

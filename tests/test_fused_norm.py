@@ -1,0 +1,100 @@
+"""The Pallas layer-norm kernels (run by Pallas's interpreter here) against XLA's layer norm."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dico_jax import sharding as sharding_lib
+from dico_jax.models import get_model
+from dico_jax.models import layers as L
+
+
+def _args(shape, dtype, seed=0):
+    kx, ks, kc, kg, kk = jax.random.split(jax.random.key(seed), 5)
+    x = (2.0 * jax.random.normal(kx, shape) + 0.7).astype(dtype)
+    shift = 0.5 * jax.random.normal(ks, (shape[0], shape[-1]))
+    scale = 0.5 * jax.random.normal(kc, (shape[0], shape[-1]))
+    dy = jax.random.normal(kg, shape).astype(dtype)
+    dskip = jax.random.normal(kk, shape).astype(dtype)
+    return x, shift, scale, dy, dskip
+
+
+def _close(got, want, tol, what):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    assert err < tol, f"{what}: relative error {err:.2e}"
+
+
+# Shapes: channels below, at and past a power of two (masked columns); pixel counts that leave
+# a partial row tile and several backward runs per image (masked rows, partial sums added).
+@pytest.mark.parametrize("shape,dtype,tol", [
+    ((2, 4, 4, 32), jnp.float32, 1e-6),
+    ((3, 8, 6, 130), jnp.float32, 1e-6),
+    ((2, 16, 12, 300), jnp.float32, 1e-6),
+    ((2, 6, 4, 48), jnp.bfloat16, 1e-2),
+])
+def test_kernels_match_the_xla_layer_norm(shape, dtype, tol):
+    x, shift, scale, dy, dskip = _args(shape, dtype)
+    want, want_vjp = jax.vjp(L.modulated_layer_norm, x, shift, scale)
+    got, got_vjp = jax.vjp(lambda *a: L.modulated_layer_norm(*a, impl="pallas_interpret"), x, shift,
+                              scale)
+    assert got.dtype == dtype and got.shape == shape
+    _close(got, want, tol, "y")
+    want_grads = want_vjp(dy)
+    for g, w, name in zip(got_vjp(dy), want_grads, ("x", "shift", "scale")):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        _close(g, w, tol, f"d{name}")
+
+    # The skip variant: same output, x passed through, its gradient added to dx.
+    (got, skip), vjp = jax.vjp(
+        lambda *a: L.modulated_layer_norm_and_skip(*a, impl="pallas_interpret"), x, shift, scale)
+    assert skip is x or np.array_equal(np.asarray(skip), np.asarray(x))
+    _close(got, want, tol, "y (skip)")
+    dx, d_shift, d_scale = vjp((dy, dskip))
+    _close(dx, want_grads[0].astype(jnp.float32) + dskip.astype(jnp.float32), tol, "dx + dskip")
+    _close(d_shift, want_grads[1], tol, "dshift (skip)")
+    _close(d_scale, want_grads[2], tol, "dscale (skip)")
+
+
+def test_kernels_run_per_batch_shard_under_a_mesh():
+    """Under a (data, fsdp) mesh the kernels run on each device's images (shard_map): the
+    compiled program moves no activations between devices, and the result is the same."""
+    mesh = sharding_lib.create_mesh({"data": 2, "fsdp": 4})
+    x, shift, scale, dy, dskip = _args((8, 4, 4, 24), jnp.float32, seed=1)
+
+    def grads(x, shift, scale, dy, dskip, fn):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            (y, _), vjp = jax.vjp(fn, x, shift, scale)
+            return (y,) + vjp((dy, dskip))
+
+    fused = lambda *a: L.modulated_layer_norm_and_skip(*a, impl="pallas_interpret")  # noqa: E731
+    xla = lambda x, s, c: (L.modulated_layer_norm(x, s, c), x)  # noqa: E731
+    split = NamedSharding(mesh, P(sharding_lib.BATCH_AXES))
+    args = [jax.device_put(a, split) for a in (x, shift, scale, dy, dskip)]
+    step = jax.jit(lambda *a: grads(*a, fused))
+    hlo = step.lower(*args).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-reduce", "all-to-all")), \
+        "the kernels' inputs were gathered across devices"
+    for got, want, name in zip(step(*args), jax.jit(lambda *a: grads(*a, xla))(*args),
+                               ("y", "dx", "dshift", "dscale")):
+        _close(got, want, 1e-6, name)
+
+
+def test_kernels_run_only_when_differentiated():
+    """Sampling and evaluation keep XLA's layer norm (which XLA fuses with the residual sums
+    around it); a gradient brings in the forward and backward kernels."""
+    x, shift, scale, dy, _ = _args((2, 4, 4, 16), jnp.float32)
+    norm = lambda *a: L.modulated_layer_norm(*a, impl="pallas_interpret")  # noqa: E731
+    plain = str(jax.make_jaxpr(norm)(x, shift, scale))
+    trained = str(jax.make_jaxpr(lambda *a: jax.vjp(norm, *a[:3])[1](a[3]))(x, shift, scale, dy))
+    assert "pallas_call" not in plain
+    assert trained.count("pallas_call") == 2, "expected the forward and the backward kernel"
+    np.testing.assert_array_equal(norm(x, shift, scale), L.modulated_layer_norm(x, shift, scale))
+
+
+def test_unknown_norm_impl_is_named():
+    model = get_model("DiCo-S", hidden_size=16, depths=(1, 1, 1, 1, 1), in_channels=1,
+                      num_classes=10, norm_impl="triton")
+    with pytest.raises(ValueError, match="norm_impl must be one of .*'triton'"):
+        model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1))
