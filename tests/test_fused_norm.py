@@ -57,28 +57,65 @@ def test_kernels_match_the_xla_layer_norm(shape, dtype, tol):
     _close(d_scale, want_grads[2], tol, "dscale (skip)")
 
 
+def _residual_args(shape, dtype, seed=0):
+    x, shift, scale, dy, dr = _args(shape, dtype, seed)
+    kz, kb, kg = jax.random.split(jax.random.key(seed + 100), 3)
+    z = jax.random.normal(kz, shape).astype(dtype)
+    bias = 0.3 * jax.random.normal(kb, shape[-1:])
+    gate = jax.random.normal(kg, (shape[0], shape[-1]))
+    return (x, z, bias, gate, shift, scale), (dy, dr)
+
+
+@pytest.mark.parametrize("shape,dtype,tol", [
+    ((3, 8, 6, 130), jnp.float32, 1e-6),
+    ((2, 16, 12, 300), jnp.float32, 1e-6),
+    ((2, 6, 4, 48), jnp.bfloat16, 2e-2),
+])
+def test_residual_kernels_match_the_xla_residual_and_layer_norm(shape, dtype, tol):
+    """r = x + gate (z + bias) and its layer norm in one kernel each way: outputs and the
+    gradients of all six inputs as XLA computes them (bf16: the kernel rounds the sum once,
+    XLA after each operation)."""
+    args, cotangents = _residual_args(shape, dtype)
+    want, want_vjp = jax.vjp(lambda *a: L.residual_layer_norm(*a, impl="xla"), *args)
+    got, got_vjp = jax.vjp(lambda *a: L.residual_layer_norm(*a, impl="pallas_interpret"), *args)
+    for g, w, name in zip(got, want, ("y", "r")):
+        assert g.dtype == w.dtype == dtype, name
+        _close(g, w, tol, name)
+    for g, w, name in zip(got_vjp(cotangents), want_vjp(cotangents),
+                          ("x", "z", "bias", "gate", "shift", "scale")):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        _close(g, w, tol, f"d{name}")
+
+
 def test_kernels_run_per_batch_shard_under_a_mesh():
     """Under a (data, fsdp) mesh the kernels run on each device's images (shard_map): the
-    compiled program moves no activations between devices, and the result is the same."""
+    compiled program moves no activations between devices (the bias gradient's per-shard
+    sums are the only values added across them), and the result is the same."""
     mesh = sharding_lib.create_mesh({"data": 2, "fsdp": 4})
-    x, shift, scale, dy, dskip = _args((8, 4, 4, 24), jnp.float32, seed=1)
+    args, (dy, dr) = _residual_args((8, 4, 4, 24), jnp.float32, seed=1)
 
-    def grads(x, shift, scale, dy, dskip, fn):
+    def grads(args, dy, dr, impl):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            (y, _), vjp = jax.vjp(fn, x, shift, scale)
-            return (y,) + vjp((dy, dskip))
+            def block(x, z, bias, gate, shift, scale):  # both kernel forms, as a block has them
+                h, x = L.modulated_layer_norm_and_skip(x, shift, scale, impl)
+                return L.residual_layer_norm(x, z + h, bias, gate, shift, scale, impl)
 
-    fused = lambda *a: L.modulated_layer_norm_and_skip(*a, impl="pallas_interpret")  # noqa: E731
-    xla = lambda x, s, c: (L.modulated_layer_norm(x, s, c), x)  # noqa: E731
+            outs, vjp = jax.vjp(block, *args)
+            return outs + vjp((dy, dr))
+
     split = NamedSharding(mesh, P(sharding_lib.BATCH_AXES))
-    args = [jax.device_put(a, split) for a in (x, shift, scale, dy, dskip)]
-    step = jax.jit(lambda *a: grads(*a, fused))
-    hlo = step.lower(*args).compile().as_text()
-    assert not any(op in hlo for op in ("all-gather", "all-reduce", "all-to-all")), \
-        "the kernels' inputs were gathered across devices"
-    for got, want, name in zip(step(*args), jax.jit(lambda *a: grads(*a, xla))(*args),
-                               ("y", "dx", "dshift", "dscale")):
-        _close(got, want, 1e-6, name)
+    placed = [jax.device_put(a, split if a.ndim and a.shape[0] == 8 else
+                             NamedSharding(mesh, P())) for a in args]
+    dy, dr = (jax.device_put(a, split) for a in (dy, dr))
+    step = jax.jit(lambda a, dy, dr: grads(a, dy, dr, "pallas_interpret"))
+    hlo = step.lower(placed, dy, dr).compile().as_text()
+    gathered = [line for line in hlo.splitlines() if "all-gather(" in line or "all-to-all(" in line
+                or ("all-reduce(" in line and "f32[24]" not in line.split("all-reduce(")[0])]
+    assert not gathered, gathered[:3]
+    want = jax.jit(lambda a, dy, dr: grads(a, dy, dr, "xla"))(placed, dy, dr)
+    names = ("y", "r", "dx", "dz", "dbias", "dgate", "dshift", "dscale")
+    for got, w, name in zip(step(placed, dy, dr), want, names):
+        _close(got, w, 1e-5, name)
 
 
 def test_kernels_run_only_when_differentiated():

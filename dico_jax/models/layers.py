@@ -186,6 +186,23 @@ def modulated_layer_norm_and_skip(x: Array, shift: Array, scale: Array,
         return _kernel_layer_norm_and_skip(x, shift, scale, _interpret(impl))
 
 
+def residual_layer_norm(x: Array, z: Array, bias: Array, gate: Array, shift: Array,
+                        scale: Array, impl: str = "xla") -> tuple[Array, Array]:
+    """The gated residual sum r = x + gate (z + bias) (in x's dtype; gate (N, C), bias (C,))
+    and its modulated layer norm: returns (modulated_layer_norm(r, shift, scale), r).
+
+    With the Pallas kernels the sum is formed inside the layer norm's forward kernel, and its
+    backward kernel takes the gradient arriving along the returned r, so one pass gives the
+    gradients of x, z, gate and bias with the layer norm's.
+    """
+    if impl == "xla":
+        r = checkpoint_name(_residual_sum(x, z, bias, gate), "residual")
+        return modulated_layer_norm(r, shift, scale), r
+    with jax.named_scope("modulated_layer_norm"):
+        y, r = _kernel_residual_norm(x, z, bias, gate, shift, scale, _interpret(impl))
+    return y, checkpoint_name(r, "residual")
+
+
 def _interpret(impl: str) -> bool:
     if impl not in NORM_IMPLS:
         raise ValueError(f"norm impl must be one of {NORM_IMPLS}, got {impl!r}")
@@ -235,24 +252,20 @@ def _modulated_layer_norm(x: Array, shift: Array, scale: Array) -> Array:
 _modulated_layer_norm.defvjp(_mln_fwd, _mln_bwd)
 
 
-# The kernel versions: same primal (XLA's), forward and backward rules by `fused_norm`.
+# The kernel versions: XLA's primal, forward and backward rules by `fused_norm`.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _kernel_layer_norm(x, shift, scale, interpret):
     return _mln_apply(x, shift, scale)[0]
 
 
 def _kln_fwd(x, shift, scale, interpret):
-    y, mean, rstd = fused_norm.forward(x, shift, scale, interpret)
+    y, mean, rstd = fused_norm.forward(x, shift, scale, interpret=interpret)
     return y, (x, mean, rstd, shift, scale)
 
 
 def _kln_bwd(interpret, res, dy):
-    return _kernel_grads(interpret, res, dy, None)
-
-
-def _kernel_grads(interpret, res, dy, dskip):
     x, mean, rstd, shift, scale = res
-    dx, d_shift, d_scale = fused_norm.backward(x, mean, rstd, scale, dy, dskip, interpret)
+    dx, d_shift, d_scale = fused_norm.backward(x, mean, rstd, scale, dy, interpret=interpret)
     return dx, d_shift.astype(shift.dtype), d_scale.astype(scale.dtype)
 
 
@@ -270,10 +283,42 @@ def _klns_fwd(x, shift, scale, interpret):
 
 
 def _klns_bwd(interpret, res, grads):
-    return _kernel_grads(interpret, res, *grads)
+    x, mean, rstd, shift, scale = res
+    dy, dskip = grads
+    dx, d_shift, d_scale = fused_norm.backward(x, mean, rstd, scale, dy, dskip,
+                                               interpret=interpret)
+    return dx, d_shift.astype(shift.dtype), d_scale.astype(scale.dtype)
 
 
 _kernel_layer_norm_and_skip.defvjp(_klns_fwd, _klns_bwd)
+
+
+def _residual_sum(x: Array, z: Array, bias: Array, gate: Array) -> Array:
+    dtype = x.dtype
+    return x + gate[:, None, None, :].astype(dtype) * (z + bias.astype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _kernel_residual_norm(x, z, bias, gate, shift, scale, interpret):
+    x = _residual_sum(x, z, bias, gate)
+    return _mln_apply(x, shift, scale)[0], x
+
+
+def _krn_fwd(x, z, bias, gate, shift, scale, interpret):
+    y, x_new, mean, rstd = fused_norm.forward(x, shift, scale, (z, bias, gate), interpret)
+    return (y, x_new), (x_new, mean, rstd, z, bias, gate, shift, scale)
+
+
+def _krn_bwd(interpret, res, grads):
+    x_new, mean, rstd, z, bias, gate, shift, scale = res
+    dy, dskip = grads
+    dx, d_shift, d_scale, dz, d_bias, d_gate = fused_norm.backward(
+        x_new, mean, rstd, scale, dy, dskip, (z, bias, gate), interpret)
+    return (dx, dz, d_bias.astype(bias.dtype), d_gate.astype(gate.dtype),
+            d_shift.astype(shift.dtype), d_scale.astype(scale.dtype))
+
+
+_kernel_residual_norm.defvjp(_krn_fwd, _krn_bwd)
 
 
 @_scoped
@@ -367,10 +412,9 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
     h = checkpoint_name(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl),
                         "depthwise")
     h = channel_attention(gelu(h), p["ca"]["kernel"], p["ca"]["bias"])
-    h = checkpoint_name(dense(h, p["conv3"]["kernel"], p["conv3"]["bias"], dtype), "conv3")
-    x = checkpoint_name(x + gate1[:, None, None, :].astype(dtype) * h, "residual")
-
-    m, x = modulated_layer_norm_and_skip(x, shift2, scale2, norm_impl)
+    h = checkpoint_name(dense(h, p["conv3"]["kernel"], None, dtype), "conv3")
+    # x + gate1 (conv3 + its bias), named "residual", and the second layer norm of it.
+    m, x = residual_layer_norm(x, h, p["conv3"]["bias"], gate1, shift2, scale2, norm_impl)
     m = checkpoint_name(dense(m, p["conv4"]["kernel"], p["conv4"]["bias"], dtype), "conv4")
     m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], p["conv5"]["bias"], dtype), "conv5")
     return x + gate2[:, None, None, :].astype(dtype) * m
