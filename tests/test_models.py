@@ -187,6 +187,27 @@ def test_timestep_embedding_formula():
     np.testing.assert_array_equal(emb[0, :128], 1.0)
 
 
+@pytest.mark.parametrize("impl", ["conv", "shift"])
+def test_depthwise_input_bias_equals_convolving_the_sum(impl):
+    """The input bias is convolved once as a map; at the borders the zero padding cuts taps,
+    so the map is not a constant there. Values and all gradients as convolving x + b."""
+    kx, kk, kb, kc = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(kx, (2, 5, 6, 12))
+    kernel, bias = jax.random.normal(kk, (3, 3, 12)), jax.random.normal(kb, (12,))
+    in_bias = jax.random.normal(kc, (12,))
+    folded = lambda x, k, b, c: L.depthwise3x3(x, k, b, impl, input_bias=c)  # noqa: E731
+    summed = lambda x, k, b, c: L.depthwise3x3(x + c, k, b, impl)  # noqa: E731
+    args = (x, kernel, bias, in_bias)
+    got, got_vjp = jax.vjp(folded, *args)
+    want, want_vjp = jax.vjp(summed, *args)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got[:, 0] - folded(x, kernel, bias, 0 * in_bias)[:, 0],
+                           got[:, 2] - folded(x, kernel, bias, 0 * in_bias)[:, 2])
+    dy = jnp.cos(want)
+    for g, w in zip(got_vjp(dy), want_vjp(dy)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_variants_agree_depthwise_scan_remat():
     """shift vs conv depthwise, Python loop vs scan, remat, the Pallas layer norms (through
     Pallas's interpreter here): same function, same gradient."""

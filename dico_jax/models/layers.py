@@ -102,22 +102,33 @@ def conv3x3(x: Array, kernel: Array, bias: Array | None = None, dtype: Any = Non
 
 
 @_scoped
-def depthwise3x3(x: Array, kernel: Array, bias: Array, impl: str = "conv") -> Array:
+def depthwise3x3(x: Array, kernel: Array, bias: Array, impl: str = "conv",
+                 input_bias: Array | None = None) -> Array:
     """Depthwise 3x3 convolution (groups = channels), padding 1; kernel (3, 3, C).
 
     impl="conv" is one grouped convolution (what accelerators' conv libraries fuse best);
     impl="shift" is nine shifted multiply-adds, which XLA fuses into one loop on CPU.
+    With `input_bias` (C,) it convolves x + input_bias without forming that sum (a full pass
+    over memory each way that XLA does not fuse into the matmul producing x): the bias's
+    share is the same for every image, convolved once (by `impl`: XLA:CPU runs a grouped
+    convolution as a dense one) as a (1, H, W, C) map in fp32 (it differs at the borders,
+    where the zero padding cuts taps off) and added with `bias`.
     """
-    kernel = kernel.astype(x.dtype)
-    if impl == "conv":
-        y = lax.conv_general_dilated(
-            x, kernel[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
-    elif impl == "shift":
-        y = _depthwise_shift(x, kernel)
-    else:
+    if impl not in ("conv", "shift"):
         raise ValueError(f"depthwise impl must be 'conv' or 'shift', got {impl!r}")
-    return y + bias.astype(x.dtype)
+    out_bias = bias.astype(jnp.float32)
+    if input_bias is not None:
+        plane = jnp.broadcast_to(input_bias.astype(jnp.float32), (1, *x.shape[1:]))
+        out_bias = _depthwise(plane, kernel.astype(jnp.float32), impl) + out_bias
+    return _depthwise(x, kernel.astype(x.dtype), impl) + out_bias.astype(x.dtype)
+
+
+def _depthwise(x: Array, kernel: Array, impl: str) -> Array:
+    if impl == "shift":
+        return _depthwise_shift(x, kernel)
+    return lax.conv_general_dilated(
+        x, kernel[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
 
 
 def _shifted_sum(x: Array, kernel: Array) -> Array:
@@ -408,9 +419,9 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
 
     # The names mark what remat="linear" keeps for the backward pass (LINEAR_OUTPUTS).
     h, x = modulated_layer_norm_and_skip(x, shift1, scale1, norm_impl)
-    h = checkpoint_name(dense(h, p["conv1"]["kernel"], p["conv1"]["bias"], dtype), "conv1")
-    h = checkpoint_name(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl),
-                        "depthwise")
+    h = checkpoint_name(dense(h, p["conv1"]["kernel"], None, dtype), "conv1")
+    h = checkpoint_name(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl,
+                                     input_bias=p["conv1"]["bias"]), "depthwise")
     h = channel_attention(gelu(h), p["ca"]["kernel"], p["ca"]["bias"])
     h = checkpoint_name(dense(h, p["conv3"]["kernel"], None, dtype), "conv3")
     # x + gate1 (conv3 + its bias), named "residual", and the second layer norm of it.
