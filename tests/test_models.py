@@ -222,7 +222,8 @@ def test_variants_agree_depthwise_scan_remat():
     ref_loss, ref_grad = loss_and_grad(base)
     for variant in (dict(depthwise_impl="shift", scan=False), dict(remat="full"),
                     dict(remat="dots"), dict(remat="linear", scan=False),
-                    dict(norm_impl="pallas_interpret", remat="linear")):
+                    dict(norm_impl="pallas_interpret", remat="linear"),
+                    dict(norm_impl="pallas_interpret", scan=False)):
         loss, grad = loss_and_grad(base.clone(**variant))
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(variant))
         for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):

@@ -96,18 +96,30 @@ class BlockStack(nn.Module):
             return x
 
         x, c = sharding.constrain_batch(x), sharding.constrain_batch(c)
+        # With the Pallas layer norms each block leaves its last residual sum to the next
+        # block's first layer-norm kernel (`L.dico_block`, defer); XLA fuses it better itself.
+        defer = self.norm_impl != "xla"
 
-        def block(x, p):
-            return sharding.constrain_batch(L.dico_block(p, x, c, self.depthwise_impl,
-                                                      self.norm_impl))
+        def block(carry, p):
+            x, pending = carry
+            out = L.dico_block(p, x, c, self.depthwise_impl, self.norm_impl, pending, defer)
+            if not defer:
+                return sharding.constrain_batch(out), None
+            x, (z, bias, gate) = out
+            split = sharding.constrain_batch
+            return split(x), (split(z), bias, split(gate))
 
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.remat != "none":
             block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat])
 
+        pending = None
         if self.scan:
-            x, _ = jax.lax.scan(lambda h, p: (block(h, p), None), x, params)
+            if defer:  # the scan's carry keeps one form: the first block adds a zero sum
+                pending = (jnp.zeros_like(x), jnp.zeros((d,), jnp.float32),
+                           jnp.zeros((x.shape[0], d), jnp.float32))
+            (x, pending), _ = jax.lax.scan(lambda h, p: (block(h, p), None), (x, pending), params)
         else:
             # One split per stacked leaf: its gradient is one concatenation, where per-layer
             # indexing would pad every layer's gradient to the whole stack and add them up.
@@ -115,8 +127,9 @@ class BlockStack(nn.Module):
             per_leaf = [[jnp.squeeze(s, 0) for s in jax.lax.split(a, (1,) * n, axis=0)]
                         for a in leaves]
             for i in range(n):
-                x = block(x, treedef.unflatten([layers[i] for layers in per_leaf]))
-        return x
+                layer = treedef.unflatten([layers[i] for layers in per_leaf])
+                x, pending = block((x, pending), layer)
+        return x if pending is None else L.residual_sum(x, *pending)
 
 
 def depthwise_for(platform: str) -> str:

@@ -207,7 +207,7 @@ def residual_layer_norm(x: Array, z: Array, bias: Array, gate: Array, shift: Arr
     gradients of x, z, gate and bias with the layer norm's.
     """
     if impl == "xla":
-        r = checkpoint_name(_residual_sum(x, z, bias, gate), "residual")
+        r = checkpoint_name(residual_sum(x, z, bias, gate), "residual")
         return modulated_layer_norm(r, shift, scale), r
     with jax.named_scope("modulated_layer_norm"):
         y, r = _kernel_residual_norm(x, z, bias, gate, shift, scale, _interpret(impl))
@@ -304,14 +304,15 @@ def _klns_bwd(interpret, res, grads):
 _kernel_layer_norm_and_skip.defvjp(_klns_fwd, _klns_bwd)
 
 
-def _residual_sum(x: Array, z: Array, bias: Array, gate: Array) -> Array:
+def residual_sum(x: Array, z: Array, bias: Array, gate: Array) -> Array:
+    """x + gate (z + bias) in x's dtype: gate (N, C), bias (C,)."""
     dtype = x.dtype
     return x + gate[:, None, None, :].astype(dtype) * (z + bias.astype(dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _kernel_residual_norm(x, z, bias, gate, shift, scale, interpret):
-    x = _residual_sum(x, z, bias, gate)
+    x = residual_sum(x, z, bias, gate)
     return _mln_apply(x, shift, scale)[0], x
 
 
@@ -406,11 +407,17 @@ LINEAR_OUTPUTS = ("conv1", "depthwise", "attention", "conv3", "residual", "conv4
 
 @_scoped
 def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
-               norm_impl: str = "xla") -> Array:
+               norm_impl: str = "xla", pending: tuple | None = None, defer: bool = False):
     """One DiCo block on x (N, H, W, D) conditioned on c (N, D); `p` holds one layer's params.
 
     adaLN (shift, scale, gate) x 2; conv branch 1x1 -> depthwise 3x3 -> GELU -> compact
     channel attention -> 1x1; MLP branch 1x1 (D -> rD) -> GELU -> 1x1 (rD -> D).
+
+    With defer=True the block's last residual sum x + gate2 (conv5 + bias) is not formed:
+    it returns (x, (conv5, bias, gate2)), and the next block takes that as `pending` and
+    forms the sum inside its first layer norm's kernels (`residual_layer_norm`), which saves
+    a pass over memory each way with the Pallas layer norms. `residual_sum(x, *pending)`
+    completes it after the last block.
     """
     dtype = x.dtype
     mod = dense(jax.nn.silu(c), p["adaLN_modulation"]["kernel"], p["adaLN_modulation"]["bias"],
@@ -418,7 +425,10 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
 
     # The names mark what remat="linear" keeps for the backward pass (LINEAR_OUTPUTS).
-    h, x = modulated_layer_norm_and_skip(x, shift1, scale1, norm_impl)
+    if pending is None:
+        h, x = modulated_layer_norm_and_skip(x, shift1, scale1, norm_impl)
+    else:
+        h, x = residual_layer_norm(x, *pending, shift1, scale1, norm_impl)
     h = checkpoint_name(dense(h, p["conv1"]["kernel"], None, dtype), "conv1")
     h = checkpoint_name(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl,
                                      input_bias=p["conv1"]["bias"]), "depthwise")
@@ -427,5 +437,8 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
     # x + gate1 (conv3 + its bias), named "residual", and the second layer norm of it.
     m, x = residual_layer_norm(x, h, p["conv3"]["bias"], gate1, shift2, scale2, norm_impl)
     m = checkpoint_name(dense(m, p["conv4"]["kernel"], p["conv4"]["bias"], dtype), "conv4")
+    if defer:
+        m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], None, dtype), "conv5")
+        return x, (m, p["conv5"]["bias"], gate2)
     m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], p["conv5"]["bias"], dtype), "conv5")
     return x + gate2[:, None, None, :].astype(dtype) * m
