@@ -50,11 +50,11 @@ run() {
 P=/tmp/dico_profile
 run bf16 200 --dtypes bfloat16 --depthwise conv --torch --profile $P
 # The layer norms' training path as Pallas kernels (dico_jax/models/fused_norm.py): their
-# first run on a GPU; planned at 358 GB per step against 373 (bound 683 img/s against 661).
+# first run on a GPU; planned at 351 GB per step against 368 (bound 693 img/s against 668).
 run bf16_pallas 100 --dtypes bfloat16 --depthwise conv --norm pallas --parts train --profile $P
 run bf16_loop 150 --dtypes bfloat16 --depthwise conv --unrolled --parts train --profile $P
 # XLA's pass (off by default) that skips zero-filling the scan's stacked residuals, which the
-# roofline (dico_jax.tools.roofline) counts at 13 GB of the step's 373 GB at batch 64.
+# roofline (dico_jax.tools.roofline) counts at 13 GB of the step's 368 GB at batch 64.
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dus_accumulator_zero_init_elimination=true" \
   run bf16_nofill 80 --dtypes bfloat16 --depthwise conv --parts train
 run bf16_dots 80 --dtypes bfloat16 --depthwise conv --remat dots --parts train --profile $P
@@ -62,8 +62,11 @@ run bf16_shift 80 --dtypes bfloat16 --depthwise shift --parts train
 run fp32 150 --dtypes float32 --depthwise conv --torch
 # The plan's best bound (Python loop, batch 128): its later --batch overrides $BATCH.
 run bf16_loop_b128 150 --dtypes bfloat16 --depthwise conv --unrolled --parts train --batch 128
+# The best plans: bound 1,103 img/s at batch 128, 1,132 at 192 (README, the Pallas table).
 run bf16_loop_b128_pallas 150 --dtypes bfloat16 --depthwise conv --norm pallas --unrolled \
   --parts train --batch 128
+run bf16_loop_b192_pallas 150 --dtypes bfloat16 --depthwise conv --norm pallas --unrolled \
+  --parts train --batch 192
 
 # Traces, optimized HLO and JSON rows in one archive (the log stays beside it).
 (cd $P && tar czf "$OUT/results.tar.gz" */train_step.hlo.txt.gz \
