@@ -97,12 +97,20 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     accident: ~10x the collective traffic of gathering the weights, measured with
     `tools/plan` for DiCo-XL on v6e with fsdp 4).
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return x
-    if math.prod(mesh.shape[a] for a in BATCH_AXES) == 1:
+    if batch_split_mesh() is None:
         return x
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def batch_split_mesh():
+    """The (abstract) mesh being traced under, if it splits the batch over more than one
+    device; else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return None
+    if math.prod(mesh.shape[a] for a in BATCH_AXES) == 1:
+        return None
+    return mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

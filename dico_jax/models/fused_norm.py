@@ -24,7 +24,6 @@ every statistic is per image, so no collective is needed.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +40,17 @@ TILE_ELEMENTS = 8192  # elements of one (rows, padded channels) register tile
 RUN_ROWS = 64  # pixels one backward program sums its shift/scale gradients over
 
 
-def _tile(c: int) -> tuple[int, int]:
-    """(rows per tile, padded channels) for c channels."""
+def _geometry(x: Array) -> tuple[int, int, int, int, int]:
+    """(images, pixels per image, channels, rows per tile, padded channels) of x (N, H, W, C)."""
+    n, h, w, c = _check(x).shape
     cpad = pl.next_power_of_2(c)
-    return max(1, TILE_ELEMENTS // cpad), cpad
+    rows = min(max(1, TILE_ELEMENTS // cpad), pl.next_power_of_2(h * w))
+    return n, h * w, c, rows, cpad
+
+
+def _vec(a: Array) -> Array:
+    """A per-image or per-channel vector as the kernels read it: flat fp32."""
+    return a.astype(jnp.float32).reshape(-1)
 
 
 def _warps(rows: int, cpad: int) -> int:
@@ -148,23 +154,19 @@ def _launch(kernel, name, grid, rows, cpad, out_shape, args, interpret):
 def _forward(x, shift, scale, residual, interpret: bool):
     """x (N, H, W, C), shift/scale (N, C), residual None or (z, bias, gate) -> (y, x + gate
     (z + bias) when residual is given, mean, 1/std); statistics (N*H*W,) fp32."""
-    n, h, w, c = _check(x).shape
-    pixels = h * w
-    rows, cpad = _tile(c)
-    rows = min(rows, pl.next_power_of_2(pixels))
+    n, pixels, c, rows, cpad = _geometry(x)
     flat = lambda a: a.reshape(n * pixels, c)  # noqa: E731
-    vec = lambda a: a.astype(jnp.float32).reshape(-1)  # noqa: E731
     tensor = jax.ShapeDtypeStruct((n * pixels, c), x.dtype)
     stat = jax.ShapeDtypeStruct((n * pixels,), jnp.float32)
     args = [flat(x)]
     if residual is not None:
         z, bias, gate = residual
-        args += [flat(z), bias, vec(gate)]
+        args += [flat(z), bias, _vec(gate)]
     outs = _launch(
         functools.partial(_fwd_kernel, pixels=pixels, rows=rows, residual=residual is not None),
         "dico_modulated_layer_norm_fwd", (n, pl.cdiv(pixels, rows)), rows, cpad,
         (tensor,) * (1 + (residual is not None)) + (stat, stat),
-        args + [vec(shift), vec(scale)], interpret)
+        args + [_vec(shift), _vec(scale)], interpret)
     if residual is not None:
         x_new, y, mean, rstd = outs
         return y.reshape(x.shape), x_new.reshape(x.shape), mean, rstd
@@ -176,21 +178,17 @@ def _backward(x, mean, rstd, scale, dy, dskip, residual, interpret: bool):
     """Gradients of `_forward` (x is its x + gate (z + bias) when residual is given): the
     input gradient (+ dskip), d_shift, d_scale (N, C) fp32, and with residual = (z, bias,
     gate) also dz and d_bias, d_gate."""
-    n, h, w, c = _check(x).shape
-    pixels = h * w
-    rows, cpad = _tile(c)
-    rows = min(rows, pl.next_power_of_2(pixels))
+    n, pixels, c, rows, cpad = _geometry(x)
     run = max(rows, min(RUN_ROWS, pl.next_power_of_2(pixels)))
     runs = pl.cdiv(pixels, run)
     flat = lambda a: a.reshape(n * pixels, c)  # noqa: E731
-    vec = lambda a: a.astype(jnp.float32).reshape(-1)  # noqa: E731
-    args = [flat(x), mean, rstd, vec(scale), flat(dy)]
+    args = [flat(x), mean, rstd, _vec(scale), flat(dy)]
     if dskip is not None:
         args.append(flat(dskip))
     out_shape = [jax.ShapeDtypeStruct((n * pixels, c), x.dtype)]
     if residual is not None:
         z, bias, gate = residual
-        args += [flat(z), vec(gate)]
+        args += [flat(z), _vec(gate)]
         out_shape.append(jax.ShapeDtypeStruct((n * pixels, c), z.dtype))
     n_sums = 2 if residual is None else 4
     out_shape += [jax.ShapeDtypeStruct((n * runs * c,), jnp.float32)] * n_sums
@@ -214,10 +212,8 @@ def _backward(x, mean, rstd, scale, dy, dskip, residual, interpret: bool):
 def _per_shard(fn, specs, n_out: int):
     """Runs fn on each batch shard when traced under a mesh that splits the batch; `specs`
     says per argument whether it has the batch axis ("b") or is replicated ("r")."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(sharding.BATCH_AXES) <= set(mesh.axis_names):
-        return fn
-    if math.prod(mesh.shape[a] for a in sharding.BATCH_AXES) == 1:
+    mesh = sharding.batch_split_mesh()
+    if mesh is None:
         return fn
     batch = P(sharding.BATCH_AXES)
     in_specs = tuple(batch if s == "b" else P() for s in specs)

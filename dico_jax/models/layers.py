@@ -275,9 +275,7 @@ def _kln_fwd(x, shift, scale, interpret):
 
 
 def _kln_bwd(interpret, res, dy):
-    x, mean, rstd, shift, scale = res
-    dx, d_shift, d_scale = fused_norm.backward(x, mean, rstd, scale, dy, interpret=interpret)
-    return dx, d_shift.astype(shift.dtype), d_scale.astype(scale.dtype)
+    return _klns_bwd(interpret, res, (dy, None))
 
 
 _kernel_layer_norm.defvjp(_kln_fwd, _kln_bwd)
@@ -293,7 +291,7 @@ def _klns_fwd(x, shift, scale, interpret):
     return (y, x), res
 
 
-def _klns_bwd(interpret, res, grads):
+def _klns_bwd(interpret, res, grads):  # also `_kln_bwd`'s, with no skip gradient
     x, mean, rstd, shift, scale = res
     dy, dskip = grads
     dx, d_shift, d_scale = fused_norm.backward(x, mean, rstd, scale, dy, dskip,
@@ -437,8 +435,6 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
     # x + gate1 (conv3 + its bias), named "residual", and the second layer norm of it.
     m, x = residual_layer_norm(x, h, p["conv3"]["bias"], gate1, shift2, scale2, norm_impl)
     m = checkpoint_name(dense(m, p["conv4"]["kernel"], p["conv4"]["bias"], dtype), "conv4")
-    if defer:
-        m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], None, dtype), "conv5")
-        return x, (m, p["conv5"]["bias"], gate2)
-    m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], p["conv5"]["bias"], dtype), "conv5")
-    return x + gate2[:, None, None, :].astype(dtype) * m
+    m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], None, dtype), "conv5")
+    pending = (m, p["conv5"]["bias"], gate2)
+    return (x, pending) if defer else residual_sum(x, *pending)
