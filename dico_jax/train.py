@@ -26,7 +26,7 @@ from etils import epath
 
 from dico_jax import sharding as sharding_lib
 from dico_jax.diffusion import GaussianDiffusion, create_diffusion
-from dico_jax.models import count_params, forward_flops_per_image, get_model
+from dico_jax.models import check_norm_impl, count_params, forward_flops_per_image, get_model
 
 Metrics = dict[str, jax.Array]
 
@@ -272,6 +272,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.ema_decay must lie in [0, 1], got {config.ema_decay}")
     if config.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+    check_norm_impl(config.model.get("norm_impl", "xla"), jax.default_backend(),
+                    "config.model.norm_impl")
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str):

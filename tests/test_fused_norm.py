@@ -135,3 +135,22 @@ def test_unknown_norm_impl_is_named():
                       num_classes=10, norm_impl="triton")
     with pytest.raises(ValueError, match="norm_impl must be one of .*'triton'"):
         model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1))
+
+
+def test_pallas_off_a_gpu_is_named():
+    from configs import default
+    from dico_jax import train
+    from dico_jax.models import check_norm_impl
+
+    config = default.get_config()
+    config.model.norm_impl = "pallas"
+    assert jax.default_backend() == "cpu"
+    with pytest.raises(ValueError, match=r"config\.model\.norm_impl='pallas' .* on 'cpu'"):
+        train.validate_config(config)
+    with pytest.raises(ValueError, match="on 'tpu'"):
+        check_norm_impl("pallas", "tpu")
+    check_norm_impl("pallas", "gpu")
+    for impl in ("xla", "pallas_interpret"):
+        check_norm_impl(impl, "tpu")
+    config.model.norm_impl = "pallas_interpret"
+    train.validate_config(config)

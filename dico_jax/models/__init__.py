@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dico_jax.models.dico import DiCo, REMAT_POLICIES, depthwise_for
+from dico_jax.models.dico import DiCo, REMAT_POLICIES, check_norm_impl, depthwise_for
 
 # Widths, depths (enc1, enc2, middle, dec2, dec1) and MLP ratios of the official models.
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
@@ -108,4 +108,5 @@ def _forward_flops(model: DiCo, height: int, width: int, channels: int) -> float
 
 
 __all__ = ["DiCo", "MODEL_CONFIGS", "MODEL_NAMES", "OFFICIAL_PARAM_COUNTS", "get_model",
-           "abstract_params", "count_params", "depthwise_for", "forward_flops_per_image"]
+           "abstract_params", "check_norm_impl", "count_params", "depthwise_for",
+           "forward_flops_per_image"]

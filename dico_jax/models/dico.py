@@ -139,6 +139,16 @@ def depthwise_for(platform: str) -> str:
     return "shift" if platform == "cpu" else "conv"
 
 
+def check_norm_impl(norm_impl: str, platform: str, field: str = "norm_impl") -> None:
+    """A clear error where `norm_impl` cannot run on `platform` ("cpu", "gpu", "tpu"): the
+    "pallas" kernels are written for Pallas's Triton backend, which only GPUs have (elsewhere
+    Pallas fails while lowering, on a TPU with a bare AssertionError)."""
+    if norm_impl == "pallas" and platform != "gpu":
+        raise ValueError(f"{field}='pallas' runs Pallas kernels for GPUs (Triton backend); this "
+                         f"process runs on {platform!r}: use 'xla' there, or "
+                         "'pallas_interpret' to run the same kernels in Pallas's interpreter")
+
+
 class DiCo(nn.Module):
     """Diffusion ConvNet: three-level U-shaped stack of DiCo blocks with adaLN conditioning.
 

@@ -31,7 +31,7 @@ import optax
 
 from dico_jax import host_memory
 from dico_jax.diffusion import create_diffusion, guided_model_fn
-from dico_jax.models import forward_flops_per_image, get_model
+from dico_jax.models import check_norm_impl, forward_flops_per_image, get_model
 from dico_jax.train import create_train_state, peak_flops_per_chip, train_step
 
 
@@ -58,6 +58,7 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
               sample_steps: int, sample_batch: int, remat: str, cpu_peak: float,
               depthwise: str = "auto", profile_dir: str | None = None, scan: bool = True,
               parts: tuple[str, ...] = ("train", "forward", "sample"), norm: str = "xla") -> dict:
+    check_norm_impl(norm, jax.default_backend(), "--norm")
     model = get_model(name, dtype=dtype, remat=remat, depthwise_impl=depthwise, scan=scan,
                       norm_impl=norm)
     diffusion = create_diffusion("")
