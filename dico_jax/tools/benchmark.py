@@ -252,7 +252,7 @@ def print_table(rows: list[dict], host_memory_retained: bool = False) -> None:
     print(head)
     for r in rows:
         blocks = "-" if "scan" not in r else ("scan" if r["scan"] else "loop") + "/" + r["remat"]
-        print(f"{r['impl']:5} {r['model']:8} {r['dtype']:9} {r.get('depthwise', '-'):6} {r.get('norm', '-')[:6]:6} {blocks:11} {r['batch']:5d} "
+        print(f"{r['impl']:5} {r['model']:8} {r['dtype']:9} {r.get('depthwise', '-'):6} {r.get('norm', '-'):6} {blocks:11} {r['batch']:5d} "
               f"{fmt(r.get('compile_s'), '9.1f')} {fmt(r['train_img_s'], '11.2f')} "
               f"{fmt(r.get('train_tflops'), '8.3f')} {fmt(r.get('mfu'), '6.1%')} "
               f"{fmt(r.get('fwd_img_s'), '10.2f')} {fmt(r.get('sample250_img_s'), '14.3f')} "
