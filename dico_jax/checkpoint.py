@@ -28,6 +28,27 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(resolve_workdir(workdir), "checkpoints")
 
 
+def resolve_checkpoint_path(path: str, step: int | None = None) -> tuple[str, int | None]:
+    """(directory holding `<step>/` folders, step) for a checkpoints dir, a training workdir
+    (its `checkpoints/`) or one step's folder (`.../<step>`, which also fixes the step)."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint directory {path}")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(
+            f"{path} is a file; expected an Orbax checkpoint directory (a training workdir, its "
+            "checkpoints/ folder, or a folder written by `python -m dico_jax.convert from-torch`)")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), step
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        if step is not None and step != int(name):
+            raise ValueError(
+                f"{path} is the checkpoint of step {int(name)}, but step {step} was asked for")
+        return os.path.dirname(path), int(name)
+    return path, step
+
+
 def _grain_args():
     # Imported lazily: restoring weights for conversion or sampling needs no input stack.
     import grain

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from dico_jax import host_memory
+from dico_jax import runtime
 from dico_jax.convert.checkpoints import model_kwargs, resolve_checkpoint_path
 from dico_jax.data import spec as data_spec
 from dico_jax.diffusion import create_diffusion, guided_model_fn
@@ -609,19 +609,9 @@ def settings_from_args(args: argparse.Namespace, config: Mapping[str, Any],
         dtype=args.dtype or config.get("dtype", "float32"))
 
 
-class _OrbaxInfoFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    host_memory.retain_freed_memory_on_cpu()  # before JAX starts its backend
-    logging.getLogger("absl").addFilter(_OrbaxInfoFilter())
-    from dico_jax.main import on_multiprocess_runtime
-
-    if on_multiprocess_runtime() and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    runtime.start(orbax_level=logging.ERROR)
     try:
         source = load_source(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
                              use_ema=args.use_ema)

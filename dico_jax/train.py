@@ -1,119 +1,33 @@
-"""Training: the train state, one sharded train step, and the loop with checkpoints and metrics.
+"""The training loop: data, checkpoints, metrics, sample grids and preemption around the
+sharded step of `dico_jax.train_step`.
 
-`create_train_state`, `make_optimizer` and `train_step` need only JAX, Flax and Optax (the
-benchmarks import them on machines without the input and logging stack);
-`train_and_evaluate` adds Grain, Orbax and clu.
+`train_and_evaluate(config, workdir)` trains to `config.num_train_steps`, resuming from the
+latest checkpoint in `workdir`.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
 
+from dico_jax import builders, chips
 from dico_jax import sharding as sharding_lib
-from dico_jax.diffusion import GaussianDiffusion, create_diffusion
-from dico_jax.models import check_norm_impl, count_params, forward_flops_per_image, get_model
-
-Metrics = dict[str, jax.Array]
-
-# Dense bf16 peak FLOP/s of one chip, matched against `jax.Device.device_kind` in order.
-PEAK_BF16_FLOPS = (
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
-    ("TPU v4", 275e12),
-)
+from dico_jax.models import check_norm_impl, count_params, forward_flops_per_image
+from dico_jax.train_step import (Metrics, TrainState, batch_spec, init_state, make_train_step)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient norm of a step was NaN or infinite."""
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # steps completed
-    params: Any
-    ema_params: Any
-    opt_state: Any
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "params": self.params, "ema_params": self.ema_params,
-                "opt_state": self.opt_state}
-
-
-# ---------------------------------------------------------------------------------------------
-# Model, optimizer, state.
-
-
-def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Fields of `config.model` that are set (all but `name`), plus dtype and remat."""
-    fields = {k: v for k, v in config.model.items() if k != "name" and v is not None}
-    if "depths" in fields:
-        fields["depths"] = tuple(int(d) for d in fields["depths"])
-    fields.update(dtype=config.dtype, remat=config.remat,
-                  learn_sigma=config.diffusion.learn_sigma)
-    return fields
-
-
-def build_model(config: ml_collections.ConfigDict):
-    return get_model(config.model.name, **model_overrides(config))
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_steps`, then constant `learning_rate`."""
-    lr = float(config.learning_rate)
-    if config.warmup_steps <= 0:
-        return optax.constant_schedule(lr)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, int(config.warmup_steps)), optax.constant_schedule(lr)],
-        [int(config.warmup_steps)])
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                                optax.Schedule]:
-    """AdamW with the schedule above, after optional global-norm clipping."""
-    schedule = learning_rate_schedule(config)
-    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                        weight_decay=config.weight_decay)
-    if config.grad_clip_norm and config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw), schedule
-    return adamw, schedule
-
-
-def create_train_state(key: jax.Array, model: Any, tx: optax.GradientTransformation,
-                       latent_shape: tuple[int, int, int]) -> TrainState:
-    """Fresh parameters; the EMA starts equal to them (as the official recipe)."""
-    x = jnp.zeros((1, *latent_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    params = model.init({"params": key}, x, t, t)["params"]
-    # A separate copy: params and EMA are donated to the step as distinct buffers.
-    ema_params = jax.tree.map(jnp.copy, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
-                      opt_state=tx.init(params))
-
-
-def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh, min_size: int) -> TrainState:
-    """Params, EMA and the Adam moments split by the FSDP rule; scalars replicated."""
-    return sharding_lib.param_shardings(abstract_state, mesh, min_size)
 
 
 def load_initial_weights(state: TrainState, directory: str, shardings: TrainState) -> TrainState:
@@ -122,9 +36,8 @@ def load_initial_weights(state: TrainState, directory: str, shardings: TrainStat
     The optimizer state and step stay those of `state` (a fresh run). Shapes must match.
     """
     from dico_jax import checkpoint as ckpt_lib
-    from dico_jax.convert.checkpoints import resolve_checkpoint_path
 
-    ckpt_dir, step = resolve_checkpoint_path(directory)
+    ckpt_dir, step = ckpt_lib.resolve_checkpoint_path(directory)
     weights, step = ckpt_lib.restore_to_host(ckpt_dir, step, items=("params", "ema_params"))
     for name in ("params", "ema_params"):
         want = {jax.tree_util.keystr(p): tuple(x.shape)
@@ -137,123 +50,6 @@ def load_initial_weights(state: TrainState, directory: str, shardings: TrainStat
                              f"config's model; differing (path, shape) entries: {bad}")
     return state.replace(params=jax.device_put(weights["params"], shardings.params),
                          ema_params=jax.device_put(weights["ema_params"], shardings.ema_params))
-
-
-def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """(init key, base key of the steps); step s draws from fold_in(base key, s).
-
-    Parameters are drawn with the "rbg" generator: about fifty threefry draws dominate the
-    compile time of `init` (12 s vs 5 s for DiCo-XL on CPU). rbg values are identical across
-    shardings but not across CPU/GPU/TPU; the steps keep threefry, identical everywhere.
-    """
-    _, step_key = jax.random.split(jax.random.key(seed))
-    return jax.random.key(seed, impl="rbg"), step_key
-
-
-# ---------------------------------------------------------------------------------------------
-# The step.
-
-
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
-               diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
-               lr_schedule: optax.Schedule, ema_decay: float,
-               step_key: jax.Array) -> tuple[TrainState, Metrics]:
-    """One AdamW step on the diffusion loss and the EMA update.
-
-    Timesteps, noise and label dropout come from fold_in(step_key, state.step), so a step
-    depends only on the state and the batch. Returns the new state and scalar metrics.
-    """
-    key = jax.random.fold_in(step_key, state.step)
-    t_key, noise_key, dropout_key = jax.random.split(key, 3)
-    x, y = batch["latent"].astype(jnp.float32), batch["label"]
-    t = jax.random.randint(t_key, (x.shape[0],), 0, diffusion.num_timesteps)
-    noise = jax.random.normal(noise_key, x.shape, jnp.float32)
-
-    def loss_fn(params):
-        def model_fn(x_t, timesteps):
-            return model.apply({"params": params}, x_t, timesteps, y, train=True,
-                               rngs={"dropout": dropout_key})
-        terms = diffusion.training_losses(model_fn, x, t, noise)
-        return jnp.mean(terms["loss"]), terms
-
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    with jax.named_scope("optimizer"):  # names the kernels in profiles and tools/roofline
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-    with jax.named_scope("ema"):
-        ema_params = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay),
-                                  state.ema_params, params)
-    metrics = {
-        "loss": loss,
-        "mse": jnp.mean(terms["mse"]),
-        "vb": jnp.mean(terms["vb"]),
-        "grad_norm": optax.global_norm(grads),
-        "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
-    }
-    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                              opt_state=opt_state)
-    return new_state, metrics
-
-
-def make_train_step(config: ml_collections.ConfigDict, model: Any, diffusion: GaussianDiffusion,
-                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                    shardings: TrainState, mesh: jax.sharding.Mesh) -> Callable:
-    """`train_step` jitted with explicit shardings; the input state is donated."""
-    _, step_key = seed_keys(config.seed)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    step_fn = functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
-                                lr_schedule=lr_schedule, ema_decay=float(config.ema_decay),
-                                step_key=step_key)
-
-    def step(state, batch):
-        # Traced under the mesh, so the network keeps its activations split along the batch.
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step_fn(state, batch)
-
-    return jax.jit(step,
-                   in_shardings=(shardings, {"latent": batch_sharding, "label": batch_sharding}),
-                   out_shardings=(shardings, sharding_lib.replicated(mesh)),
-                   donate_argnums=(0,))
-
-
-def init_state(config: ml_collections.ConfigDict, model: Any, tx: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh, latent_shape: tuple[int, int, int]
-               ) -> tuple[Callable[[], TrainState], TrainState, TrainState]:
-    """(init function, abstract state, shardings): `init()` builds the state already sharded."""
-    init_key, _ = seed_keys(config.seed)
-    create = functools.partial(create_train_state, model=model, tx=tx, latent_shape=latent_shape)
-    abstract = jax.eval_shape(create, init_key)
-    shardings = state_shardings(abstract, mesh, config.fsdp_min_size)
-    init = jax.jit(create, out_shardings=shardings)
-    return functools.partial(init, init_key), abstract, shardings
-
-
-def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-               latent_shape: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and shardings of a global batch (for ahead-of-time compilation)."""
-    s = sharding_lib.batch_sharding(mesh)
-    n = int(config.global_batch_size)
-    return {"latent": jax.ShapeDtypeStruct((n, *latent_shape), jnp.float32, sharding=s),
-            "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=s)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Throughput.
-
-
-def per_chip(table: Sequence[tuple[str, float]], device_kind: str, default: float) -> float:
-    """The value of the first name in `table` found in `device_kind` (case apart)."""
-    return next((v for name, v in table if name.lower() in device_kind.lower()), float(default))
-
-
-def peak_flops_per_chip(device_kind: str, default: float) -> float:
-    return per_chip(PEAK_BF16_FLOPS, device_kind, default)
-
-
-def model_flops_utilization(images_per_sec: float, flops_per_image: float,
-                            peak_per_chip: float, num_chips: int) -> float:
-    """Training FLOPs (3x forward: forward + backward) per second over the chips' peak."""
-    return images_per_sec * 3.0 * flops_per_image / (peak_per_chip * num_chips)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,11 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     latent_shape = tuple(manifest.latent_shape)
 
     mesh = sharding_lib.create_mesh(config.mesh)
-    model = build_model(config)
-    diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
-                                 learn_sigma=config.diffusion.learn_sigma,
-                                 diffusion_steps=config.diffusion.steps)
-    tx, lr_schedule = make_optimizer(config)
+    model = builders.build_model(config)
+    diffusion = builders.build_diffusion(config)
+    tx, lr_schedule = builders.build_optimizer(config)
     init, abstract_state, shardings = init_state(config, model, tx, mesh, latent_shape)
 
     flops_per_image = forward_flops_per_image(model, *latent_shape)
@@ -515,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("no sample grids: the data are %s latents and grids are drawn for "
                      "pixel-space data only", manifest.vae)
 
-    peak = peak_flops_per_chip(jax.devices()[0].device_kind, config.peak_flops)
+    peak = chips.peak_flops_per_chip(jax.devices()[0].device_kind, config.peak_flops)
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer,
         every_steps=config.log_every_steps)
@@ -547,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 scalars.update({
                     "perf/steps_per_sec": steps_per_sec,
                     "perf/images_per_sec": images_per_sec,
-                    "perf/mfu": model_flops_utilization(images_per_sec, flops_per_image, peak,
+                    "perf/mfu": chips.model_flops_utilization(images_per_sec, flops_per_image, peak,
                                                         jax.device_count()),
                 })
                 writer.write_scalars(step, scalars)

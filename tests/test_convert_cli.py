@@ -178,7 +178,8 @@ def test_converted_checkpoint_initializes_a_fine_tuning_run(imported, official_f
     from dico_jax import sharding
     from dico_jax.convert import torch_to_flax
     from dico_jax.models import abstract_params, get_model
-    from dico_jax.train import TrainState, load_initial_weights
+    from dico_jax.train import load_initial_weights
+    from dico_jax.train_step import TrainState
 
     model = get_model("DiCo-S", in_channels=4, num_classes=10, **OVERRIDES)
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(model, 8, 8))

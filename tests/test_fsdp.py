@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dico_jax import sharding as sharding_lib
-from dico_jax import train
+from dico_jax import builders, train_step
 from dico_jax.data import pipeline
 from dico_jax.diffusion import create_diffusion
 from dico_jax.models import OFFICIAL_PARAM_COUNTS
@@ -41,9 +41,9 @@ def h_setup_config():
 def h_setup():
     config = h_setup_config()
     mesh = sharding_lib.create_mesh(config.mesh)
-    model = train.build_model(config)
-    tx, schedule = train.make_optimizer(config)
-    init, abstract, shardings = train.init_state(config, model, tx, mesh, LATENT)
+    model = builders.build_model(config)
+    tx, schedule = builders.build_optimizer(config)
+    init, abstract, shardings = train_step.init_state(config, model, tx, mesh, LATENT)
     return config, mesh, model, tx, schedule, init, abstract, shardings
 
 
@@ -82,7 +82,7 @@ def _available_ram_bytes():
 def test_dico_h_fsdp_step_runs():
     config, mesh, model, tx, schedule, init, _, shardings = h_setup()
     state = init()
-    step = train.make_train_step(config, model, create_diffusion(""), tx, schedule, shardings, mesh)
+    step = train_step.make_train_step(config, model, create_diffusion(""), tx, schedule, shardings, mesh)
     rng = np.random.default_rng(0)
     batch = {"latent": rng.standard_normal((BATCH, *LATENT)).astype(np.float32),
              "label": rng.integers(0, 1000, BATCH).astype(np.int32)}

@@ -303,7 +303,7 @@ def test_rbg_init_is_identical_across_shardings():
     """The trainer draws parameters with the rbg generator (cheap to compile); a sharded init
     must give the same values as an unsharded one."""
     from dico_jax import sharding
-    from dico_jax.train import seed_keys
+    from dico_jax.train_step import seed_keys
 
     model = get_model("DiCo-S", **TINY)
     x, t, y = _inputs(n=1)

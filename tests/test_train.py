@@ -16,7 +16,7 @@ import pytest
 
 from dico_jax import checkpoint as ckpt_lib
 from dico_jax import sharding as sharding_lib
-from dico_jax import train
+from dico_jax import builders, train, train_step
 from dico_jax.data import digits, pipeline, records
 from dico_jax.diffusion import create_diffusion
 
@@ -115,22 +115,22 @@ def test_sharded_step_matches_one_device(digits_dir):
     config = tiny_config(digits_dir)
     manifest = records.read_manifest(digits_dir)
     config = train.resolve_config(config, manifest)
-    model = train.build_model(config)
+    model = builders.build_model(config)
     diffusion = create_diffusion("")
-    tx, schedule = train.make_optimizer(config)
+    tx, schedule = builders.build_optimizer(config)
     shape = tuple(manifest.latent_shape)
     rng = np.random.default_rng(0)
     batch = {"latent": rng.standard_normal((16, *shape)).astype(np.float32),
              "label": rng.integers(0, 10, 16).astype(np.int32)}
 
     mesh8 = sharding_lib.create_mesh({"data": 4, "fsdp": 2})
-    init, _, _ = train.init_state(config, model, tx, mesh8, shape)
+    init, _, _ = train_step.init_state(config, model, tx, mesh8, shape)
     initial = host(init())
     results = []
     for mesh in (sharding_lib.create_mesh({"data": 1}, jax.devices()[:1]), mesh8):
-        _, _, shardings = train.init_state(config, model, tx, mesh, shape)
+        _, _, shardings = train_step.init_state(config, model, tx, mesh, shape)
         state = jax.device_put(initial, shardings)
-        step = train.make_train_step(config, model, diffusion, tx, schedule, shardings, mesh)
+        step = train_step.make_train_step(config, model, diffusion, tx, schedule, shardings, mesh)
         losses = []
         for _ in range(2):
             state, metrics = step(state, pipeline.make_global_batch(batch, mesh))
@@ -175,13 +175,13 @@ def test_resume_is_bitwise_exact(digits_dir, straight_run, tmp_path):
 def test_restore_onto_smaller_mesh_and_one_cpu(digits_dir, straight_run):
     ref_dir, ref_state, ref_losses = straight_run
     config = train.resolve_config(tiny_config(digits_dir), records.read_manifest(digits_dir))
-    model = train.build_model(config)
-    tx, schedule = train.make_optimizer(config)
+    model = builders.build_model(config)
+    tx, schedule = builders.build_optimizer(config)
     directory = ckpt_lib.checkpoint_dir(ref_dir)
 
     # 8 devices (data 4 x fsdp 2) -> 4 devices (data 2 x fsdp 2), then one more step there.
     mesh4 = sharding_lib.create_mesh({"data": 2, "fsdp": 2}, jax.devices()[:4])
-    _, abstract, shardings = train.init_state(config, model, tx, mesh4, (8, 8, 1))
+    _, abstract, shardings = train_step.init_state(config, model, tx, mesh4, (8, 8, 1))
     target = sharding_lib.with_shardings(abstract.to_dict(), shardings.to_dict())
     checkpointer = ckpt_lib.TrainCheckpointer(directory, keep=10)
     iterator = pipeline.create_train_iterator(digits_dir, global_batch_size=16, seed=config.seed,
@@ -190,9 +190,9 @@ def test_restore_onto_smaller_mesh_and_one_cpu(digits_dir, straight_run):
     checkpointer.close()
     devices = {d for x in jax.tree.leaves(restored["params"]) for d in x.sharding.device_set}
     assert devices == set(jax.devices()[:4])
-    step = train.make_train_step(config, model, create_diffusion(""), tx, schedule,
-                                 train.TrainState(**shardings.to_dict()), mesh4)
-    state, metrics = step(train.TrainState(**restored),
+    step = train_step.make_train_step(config, model, create_diffusion(""), tx, schedule,
+                                 train_step.TrainState(**shardings.to_dict()), mesh4)
+    state, metrics = step(train_step.TrainState(**restored),
                           pipeline.make_global_batch(next(iterator), mesh4))
     assert int(state.step) == NUM_STEPS - 3
     np.testing.assert_allclose(float(metrics["loss"]), ref_losses[NUM_STEPS - 3][0], rtol=1e-5)

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from dico_jax import runtime
 from dico_jax.models import MODEL_NAMES
 
 
@@ -47,17 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _OrbaxInfoFilter(logging.Filter):
-    """Orbax reports every save and read-only open; keep only its errors."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-def quiet_orbax() -> None:
-    logging.getLogger("absl").addFilter(_OrbaxInfoFilter())
-
-
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -70,7 +60,7 @@ def _json_object(text: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_orbax()
+    runtime.quiet_orbax(logging.ERROR)
     from dico_jax.convert import checkpoints
 
     try:

@@ -32,7 +32,8 @@ import optax
 from dico_jax import host_memory
 from dico_jax.diffusion import create_diffusion, guided_model_fn
 from dico_jax.models import check_norm_impl, forward_flops_per_image, get_model
-from dico_jax.train import create_train_state, peak_flops_per_chip, train_step
+from dico_jax.chips import peak_flops_per_chip
+from dico_jax.train_step import create_train_state, train_step
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:

@@ -44,23 +44,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dico_jax import sharding as sharding_lib
-from dico_jax import train
+from dico_jax import builders, chips, train, train_step
 from dico_jax.data import spec as data_spec
-from dico_jax.diffusion import create_diffusion
 from dico_jax.models import depthwise_for
 from dico_jax.tools import roofline
 
 GIB = 2**30
-
-# HBM per chip (GiB) that XLA:TPU lets a program use, where the device does not report its
-# memory (TPU topologies compiled ahead of time): what libtpu 0.0.42 names as "available HBM"
-# when a program is too large for the chip (nominal 32, 16, 95, 32 GiB).
-CHIP_MEMORY_GIB = {
-    "TPU v4": 30.75,
-    "TPU v5 lite": 15.75,  # v5e
-    "TPU v5": 95.74,  # v5p
-    "TPU v6 lite": 31.25,  # v6e
-}
 
 # NVIDIA GPUs as XLA:GPU needs them described to compile without the device: SM count and
 # limits of compute capability 9.0, boost clock, L2, and HBM (bandwidth from NVIDIA's
@@ -206,7 +195,7 @@ def chip_memory_bytes(device) -> int | None:
     if gpu is not None:
         fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
         return int(gpu["memory_mib"] * 2**20 * fraction)
-    gib = CHIP_MEMORY_GIB.get(device.device_kind)
+    gib = chips.CHIP_MEMORY_GIB.get(device.device_kind)
     return None if gib is None else int(gib * GIB)
 
 
@@ -279,12 +268,12 @@ def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
     if config.model.depthwise_impl == "auto":  # as the target runs it, not as this host would
         config.model.depthwise_impl = depthwise_for(devices[0].platform)
     mesh = sharding_lib.create_mesh(config.mesh, devices)
-    model = train.build_model(config)
-    tx, schedule = train.make_optimizer(config)
-    _, abstract, shardings = train.init_state(config, model, tx, mesh, spec.latent_shape)
-    batch = train.batch_spec(config, mesh, spec.latent_shape)
+    model = builders.build_model(config)
+    tx, schedule = builders.build_optimizer(config)
+    _, abstract, shardings = train_step.init_state(config, model, tx, mesh, spec.latent_shape)
+    batch = train_step.batch_spec(config, mesh, spec.latent_shape)
     if step == "train":
-        fn = train.make_train_step(config, model, create_diffusion(""), tx, schedule, shardings,
+        fn = train_step.make_train_step(config, model, builders.build_diffusion(config), tx, schedule, shardings,
                                    mesh)
         args = (sharding_lib.with_shardings(abstract, shardings), batch)
         held, held_shardings = abstract, shardings

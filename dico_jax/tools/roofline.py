@@ -20,18 +20,7 @@ import dataclasses
 import re
 from typing import Iterable, Sequence
 
-from dico_jax import train
-
-# HBM bandwidth (bytes/s) per chip, matched in order against JAX's device_kind like the FLOP
-# peaks in `dico_jax.train`: NVIDIA's H100 SXM and H200 and Google Cloud's TPU datasheets.
-HBM_BANDWIDTH = (
-    ("H100", 3.35e12),
-    ("H200", 4.8e12),
-    ("TPU v5 lite", 0.819e12),  # v5e
-    ("TPU v5", 2.765e12),  # v5p
-    ("TPU v6 lite", 1.64e12),  # v6e
-    ("TPU v4", 1.2e12),
-)
+from dico_jax import chips
 
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
           "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
@@ -396,8 +385,8 @@ def summarize(found: Iterable[Kernel], peak_flops: float | None = None,
 def chip_peaks(device_kind: str, dtype: str) -> tuple[float, float] | None:
     """(matmul FLOP/s, HBM bytes/s) for the compute dtype: fp32 matmuls on these GPUs run as
     TF32 on the tensor cores at half the bf16 rate; TPUs run them as bf16 passes."""
-    flops = train.peak_flops_per_chip(device_kind, default=0.0)
-    bandwidth = train.per_chip(HBM_BANDWIDTH, device_kind, default=0.0)
+    flops = chips.peak_flops_per_chip(device_kind, default=0.0)
+    bandwidth = chips.per_chip(chips.HBM_BANDWIDTH, device_kind, default=0.0)
     if not flops or not bandwidth:
         return None
     if dtype == "float32" and "nvidia" in device_kind.lower():
