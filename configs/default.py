@@ -3,8 +3,39 @@
 Other configs import `get_config()` from here and override what differs. Every field can be
 overridden on the command line, e.g. `--config.learning_rate=2e-4 --config.mesh.fsdp=4`.
 """
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
+
+from dico_jax.models import MODEL_NAMES
+
+# The scales of the model zoo (DiCo-S ... DiCo-H) and the resolutions of the paper.
+SCALES = tuple(name.removeprefix("DiCo-") for name in MODEL_NAMES)
+RESOLUTIONS = (256, 512)
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
+    """A config argument such as "XL,res=512" as a dict over `defaults`' keys.
+
+    A bare word sets the first key; `key=value` sets that key, converted to the type of its
+    default. Unknown keys and unconvertible values name the argument.
+    """
+    values = dict(defaults)
+    first = next(iter(defaults))
+    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+        key, eq, text = part.partition("=")
+        if not eq:
+            key, text = first, part
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r} in {arg!r}; valid: {', '.join(defaults)}")
+        kind = type(defaults[key])
+        try:
+            values[key] = kind(text)
+        except ValueError:
+            raise ValueError(f"config arg {key}={text!r} in {arg!r} is not "
+                             f"{'an' if kind is int else 'a'} {kind.__name__}") from None
+    return values
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -5,15 +5,7 @@
 builds the dataset under the workdir, trains, and writes `samples.png` there: one row per
 digit class, sampled from the EMA weights with classifier-free guidance.
 """
-import os
-import sys
-
-# Config files are loaded by path; make the repository root importable for the shared base.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from configs import default  # noqa: E402
+from configs import default
 
 
 def get_config(arg: str | None = None):

@@ -15,8 +15,7 @@ result over the official logs.
 """
 import ml_collections
 
-SCALES = ("S", "B", "L", "XL", "H")
-RESOLUTIONS = (256, 512)
+from configs.default import RESOLUTIONS, SCALES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -75,9 +75,6 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def save(self, step: int, state: Mapping[str, Any], data_iterator: Any = None,
              config: Mapping[str, Any] | None = None) -> None:
         """Starts saving `state` (and the iterator and config) at `step`.

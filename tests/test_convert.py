@@ -11,7 +11,7 @@ from dico_jax.convert import (flax_to_torch, load_torch_checkpoint, official_sha
                               torch_to_flax)
 from dico_jax.models import MODEL_NAMES, get_model  # noqa: E402
 from tests.test_models import official_rows, random_params  # noqa: E402
-from tests.torch_dico import TorchDiCo, randomize_  # noqa: E402
+from dico_jax.convert.torch_reference import TorchDiCo, randomize_  # noqa: E402
 
 pytestmark = pytest.mark.torch
 TINY = dict(hidden_size=16, depths=(1, 2, 1, 2, 1), in_channels=4, num_classes=10)

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from dico_jax import checkpoint as ckpt_lib  # noqa: E402
 from dico_jax.convert import checkpoints  # noqa: E402
 from dico_jax.convert.dico import official_shapes  # noqa: E402
-from tests.torch_dico import TorchDiCo, randomize_  # noqa: E402
+from dico_jax.convert.torch_reference import TorchDiCo, randomize_  # noqa: E402
 
 pytestmark = pytest.mark.torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

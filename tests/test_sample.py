@@ -246,7 +246,7 @@ def test_samples_a_converted_checkpoint_through_the_vae(tiny_vae_dir, tmp_path):
     import torch
 
     from dico_jax.convert.checkpoints import import_torch_checkpoint
-    from tests.torch_dico import TorchDiCo, randomize_
+    from dico_jax.convert.torch_reference import TorchDiCo, randomize_
 
     net = randomize_(TorchDiCo(16, (1, 1, 1, 1, 1), in_channels=4, num_classes=10), seed=0)
     src = str(tmp_path / "0000050.pt")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 import warnings
 from typing import Any, Mapping
 
@@ -170,9 +169,7 @@ def import_config(model_name: str, arch: Mapping[str, Any], overrides: Mapping[s
 
 
 def _dico_config_module():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if root not in sys.path:  # configs/ lives beside the package, not inside it
-        sys.path.insert(0, root)
+    # configs/ is a top-level package of this repository (installed beside dico_jax).
     from configs import dico
 
     return dico

@@ -174,8 +174,7 @@ def bench_torch(name: str, dtype: str, batch: int, fwd_batch: int, res: int, rep
     """
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-    from tests.torch_dico import TorchDiCo
+    from dico_jax.convert.torch_reference import TorchDiCo
     from dico_jax.models import MODEL_CONFIGS
 
     cfg = MODEL_CONFIGS[name]

@@ -1,4 +1,5 @@
-"""An independent PyTorch DiCo, written from the architecture description, for parity tests.
+"""An independent PyTorch DiCo, written from the architecture description: the reference of
+the parity tests and of the benchmark's PyTorch rows (needs torch).
 
 Module names follow the official parameter names so its state_dict has the official keys.
 """

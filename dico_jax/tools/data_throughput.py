@@ -3,24 +3,19 @@
 Writes a temporary synthetic dataset (32x32x4 float32 latents, image + flip views, like
 ImageNet 256 after the VAE), then times batches for several worker counts. Prints a table.
 
-    python bench/data_throughput.py [--records 20000] [--batch 256] [--workers 0 2]
+    python -m dico_jax.tools.data_throughput [--records 20000] [--batch 256] [--workers 0 2]
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 from absl import flags
 
-# Run as `python bench/<name>.py` from anywhere: the repository root holds dico_jax.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 
 def build_synthetic(out_dir: str, count: int, shape: tuple[int, int, int], storage: str, shard_size: int) -> None:

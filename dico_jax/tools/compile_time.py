@@ -1,6 +1,6 @@
 """Compile time of DiCo's `init` and training forward+backward: stacked (scan) vs Python loop.
 
-    python bench/compile_time.py --model DiCo-XL [--dtype bfloat16] [--batch 8] [--json out.json]
+    python -m dico_jax.tools.compile_time --model DiCo-XL [--dtype bfloat16] [--batch 8] [--json out.json]
 
 Prints a table; nothing here is a test. Compilation only: abstract inputs, no execution.
 """
@@ -9,18 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-# Run as `python bench/<name>.py` from anywhere: the repository root holds dico_jax.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
-from dico_jax.models import abstract_params, get_model  # noqa: E402
+from dico_jax.models import abstract_params, get_model
 
 
 def compile_seconds(fn, *args) -> float:
