@@ -86,13 +86,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = config_dict.placeholder(int)
     config.model.class_dropout_prob = 0.1
     # Each level's blocks as one `lax.scan` (compile time independent of depth), or with False
-    # as a Python loop: longer compiles, faster steps (no stacked residuals; DiCo-S fp32 train
-    # step on a 2-core CPU: 5.37 vs 4.28 img/s, compile 18 vs 11 s, README "Performance").
+    # as a Python loop: longer compiles, faster steps, since the scan stores every block's
+    # residuals in stacked buffers (docs/performance.md).
     config.model.scan = True
     # Depthwise 3x3: "auto" (shifted multiply-adds on CPU, grouped conv elsewhere), "conv", "shift".
     config.model.depthwise_impl = "auto"
     # Layer norms: "xla" (fused by the compiler), "pallas" (one-pass GPU kernels,
-    # dico_jax/models/fused_norm.py), "pallas_interpret" (those kernels interpreted: checks).
+    # dico_jax/models/kernels/), "pallas_interpret" (those kernels interpreted: checks).
     config.model.norm_impl = "xla"
 
     # Input: a latent dataset written by `dico_jax.data` (manifest.json + ArrayRecord shards).

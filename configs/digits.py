@@ -17,7 +17,6 @@ def get_config(arg: str | None = None):
     config.resolution = 8
 
     config.data.builtin = "digits"
-    config.data.dir = ""
     # Digits are not mirror-symmetric: a flipped "2" is not a "2".
     config.data.random_flip = False
 
@@ -32,7 +31,6 @@ def get_config(arg: str | None = None):
     config.keep_checkpoints = 2
     config.fsdp_min_size = 2**14
 
-    config.sample_every_steps = 0
     config.sample_at_end = True
     config.sampling.respacing = "100"
     config.sampling.cfg_scale = 3.0

@@ -1,10 +1,10 @@
 """Host memory reuse for runs on the XLA:CPU backend.
 
-XLA:CPU takes each call's temporaries as one block: 2.4 GB for a DiCo-S batch-8 train step.
-By default glibc serves a block that large with a fresh `mmap` and unmaps it when freed, so
-the kernel zero-fills every page again on the next call: on the 2-core machine the tests run
-on, 640,000 page faults and 1.3 s of system time in each 2.2 s step. Three settings make the
-block come back from the heap instead (0 faults, 1.5 s per step, compile time unchanged):
+XLA:CPU takes each call's temporaries as one block (gigabytes for a DiCo-S train step). By
+default glibc serves a block that large with a fresh `mmap` and unmaps it when freed, so the
+kernel zero-fills every page again on the next call: page faults and system time then take
+a large share of each step (docs/performance.md). Three settings make the block come back
+from the heap instead:
 
 - JAX's CPU client runs single-device programs on the calling thread
   (`jax_cpu_enable_async_dispatch` off), so the block comes from glibc's main arena: a

@@ -94,8 +94,8 @@ def constrain_batch(x: jax.Array) -> jax.Array:
 
     Without it XLA may follow the FSDP-split kernels instead and split activations along
     their channels, gathering whole-batch activations between layers (tensor parallelism by
-    accident: ~10x the collective traffic of gathering the weights, measured with
-    `tools/plan` for DiCo-XL on v6e with fsdp 4).
+    accident, about ten times the collective traffic of gathering the weights: see
+    docs/planning.md).
     """
     if batch_split_mesh() is None:
         return x

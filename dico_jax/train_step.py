@@ -53,8 +53,8 @@ def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh, min_siz
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(init key, base key of the steps); step s draws from fold_in(base key, s).
 
-    Parameters are drawn with the "rbg" generator: about fifty threefry draws dominate the
-    compile time of `init` (12 s vs 5 s for DiCo-XL on CPU). rbg values are identical across
+    Parameters are drawn with the "rbg" generator: about fifty threefry draws would dominate
+    the compile time of `init` (more than twice as long for DiCo-XL). rbg values are identical across
     shardings but not across CPU/GPU/TPU; the steps keep threefry, identical everywhere.
     """
     _, step_key = jax.random.split(jax.random.key(seed))
