@@ -156,8 +156,9 @@ def test_topology_without_its_compiler_says_what_to_install(topology, command):
         [sys.executable, "-m", "dico_jax.tools.plan", "--config=configs/digits.py",
          f"--topology={topology}"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
         capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert command in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("dico_jax.tools.plan: error: ")
 
 
 def test_compiler_packages_follow_this_jax():
@@ -203,6 +204,17 @@ def test_gpu_targets_describe_the_chip():
     assert "memory_bandwidth: 4800000000000" in text
     with pytest.raises(ValueError, match="h200:N"):
         plan.target_devices("h200:x")
+
+
+@pytest.mark.parametrize("name,kind", [("H200", "gpu"), ("h100:2", "gpu"), ("V5E:2x2", "tpu"),
+                                       ("v6e:2x2", "tpu")])
+def test_topology_names_any_case(name, kind):
+    assert plan.parse_topology(name) == (kind, name.lower())
+
+
+def test_unknown_topology_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown chip 'a100'.*v5e.*h200"):
+        plan.parse_topology("A100")
 
 
 def test_compiler_out_of_memory_becomes_a_row():

@@ -33,7 +33,6 @@ import itertools
 import json
 import os
 import re
-import sys
 import time
 from typing import Any, Sequence
 
@@ -44,7 +43,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dico_jax import sharding as sharding_lib
-from dico_jax import builders, chips, train, train_step
+from dico_jax import builders, chips, errors, train, train_step
+from dico_jax.errors import UserError
 from dico_jax.data import spec as data_spec
 from dico_jax.models import depthwise_for
 from dico_jax.tools import roofline
@@ -82,13 +82,31 @@ flags.DEFINE_string("hlo_dir", None, "Also write each row's compiled program her
 flags.mark_flags_as_required(["config"])
 
 
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+
+
+def parse_topology(text: str) -> tuple[str, str]:
+    """("gpu" | "tpu", the name in lower case) of a --topology value; any case is accepted."""
+    name = text.strip().lower()
+    generation = name.partition(":")[0]
+    if generation in GPU_TARGETS:
+        return "gpu", name
+    if generation in TPU_GENERATIONS:
+        return "tpu", name
+    raise UserError(
+        f"--topology={text!r}: unknown chip {generation!r}; known: the Cloud TPU slices "
+        f"{', '.join(TPU_GENERATIONS)} (e.g. v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2) and the "
+        f"NVIDIA GPUs {', '.join(GPU_TARGETS)} (or h200:N for N GPUs in one host)")
+
+
 def target_devices(topology: str | None) -> list:
     if not topology:
         return list(jax.devices())
-    if topology.partition(":")[0] in GPU_TARGETS:
+    kind, topology = parse_topology(topology)
+    if kind == "gpu":
         return gpu_devices(topology)
     if importlib.util.find_spec("libtpu") is None:
-        raise RuntimeError(
+        raise UserError(
             f"--topology={topology} compiles with XLA's TPU compiler, which comes with libtpu "
             f"(no TPU needed). Install the version this JAX was built with, apart from the "
             f"environment so that JAX keeps running on the CPU here: pip install --target "
@@ -103,7 +121,7 @@ def target_devices(topology: str | None) -> list:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                                  **options).devices)
     except Exception as e:
-        raise ValueError(f"--topology={topology!r}: libtpu could not describe it ({e}); "
+        raise UserError(f"--topology={topology!r}: libtpu could not describe it ({e}); "
                          "names look like v4:2x2x1, v5e:2x2, v5p:2x2x1, v6e:2x2, h100, "
                          "h200:8") from e
 
@@ -136,10 +154,10 @@ def cuda_plugin_requirements() -> list[str]:
 def gpu_devices(topology: str) -> list:
     gpu, _, count = topology.partition(":")
     if count and not count.isdigit():
-        raise ValueError(f"--topology={topology!r}: expected {gpu} or {gpu}:N (N GPUs in one host)")
+        raise UserError(f"--topology={topology!r}: expected {gpu} or {gpu}:N (N GPUs in one host)")
     if importlib.util.find_spec("jax_cuda12_plugin") is None:
         packages = " ".join(f"'{r}'" for r in cuda_plugin_requirements())
-        raise RuntimeError(
+        raise UserError(
             f"--topology={topology} compiles with XLA:GPU from JAX's CUDA plugin (no GPU or "
             f"driver needed). Install it apart from the environment so that JAX keeps running "
             f"on the CPU here: pip install --no-deps --target DIR {packages}, then "
@@ -154,7 +172,7 @@ def gpu_devices(topology: str) -> list:
             platform="cuda", target_config=gpu_target_config(gpu),
             topology=f"1x1x{int(count or 1)}").devices)
     except Exception as e:
-        raise RuntimeError(f"--topology={topology!r}: XLA:GPU could not describe it ({e})") from e
+        raise UserError(f"--topology={topology!r}: XLA:GPU could not describe it ({e})") from e
 
 
 def libtpu_requirement() -> str:
@@ -206,11 +224,11 @@ def set_field(config: ml_collections.ConfigDict, path: str, text: str) -> None:
     for name in parents:
         node = node[name]
     if leaf not in node:
-        raise ValueError(f"--vary: config has no field {path!r}")
+        raise UserError(f"--vary: config has no field {path!r}")
     current = node[leaf]
     if isinstance(current, bool):
         if text.lower() not in ("true", "false"):
-            raise ValueError(f"--vary {path}={text!r}: expected true or false")
+            raise UserError(f"--vary {path}={text!r}: expected true or false")
         value: Any = text.lower() == "true"
     elif isinstance(current, (int, float)):
         value = type(current)(text)
@@ -227,7 +245,7 @@ def variants(config: ml_collections.ConfigDict, vary: Sequence[str], num_devices
     for spec in vary:
         field, eq, values = spec.partition("=")
         if not eq or not values:
-            raise ValueError(f"--vary {spec!r}: expected FIELD=V1,V2,...")
+            raise UserError(f"--vary {spec!r}: expected FIELD=V1,V2,...")
         axes.append([(field.strip(), v.strip()) for v in values.split(",")])
     for combo in itertools.product(*axes):
         c = ml_collections.ConfigDict(config.to_dict())
@@ -385,11 +403,9 @@ def main(argv):
         jax.config.update("jax_platforms", "cpu")  # this host only traces; libtpu compiles
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    try:
+    with errors.cli("dico_jax.tools.plan"):
         devices = target_devices(FLAGS.topology)
         configs = list(variants(FLAGS.config, FLAGS.vary, len(devices)))
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"dico_jax.tools.plan: {e}")
     rows = []
     if FLAGS.hlo_dir:
         os.makedirs(FLAGS.hlo_dir, exist_ok=True)

@@ -1,0 +1,44 @@
+"""The one convention for user errors across the command-line tools.
+
+A mistake in a config, a flag, a data file or a checkpoint raises `UserError` (a
+`ValueError`, so library callers can catch it as one) with a message that names the file,
+field or shape and says what to do. A command's entry point runs inside `cli(tool)`, which
+prints such an error as one line, `<tool>: error: <message>`, and exits with status 2;
+anything else is a bug in dico-jax and keeps its traceback. Setting
+DICO_JAX_TRACEBACK=1 shows the traceback of user errors too.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator
+
+TRACEBACK_ENV = "DICO_JAX_TRACEBACK"
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """A mistake the user can fix: bad config, flag, file or data."""
+
+
+def show_tracebacks() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def one_line(tool: str, err: BaseException) -> str:
+    message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+    return f"{tool}: error: {message}"
+
+
+@contextlib.contextmanager
+def cli(tool: str) -> Iterator[None]:
+    """Turns a `UserError` raised inside into one line on stderr and exit status 2."""
+    try:
+        yield
+    except UserError as err:
+        if show_tracebacks():
+            raise
+        sys.stdout.flush()
+        print(one_line(tool, err), file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
