@@ -62,7 +62,7 @@ run bf16_shift 80 --dtypes bfloat16 --depthwise shift --parts train
 run fp32 150 --dtypes float32 --depthwise conv --torch
 # The plan's best bound (Python loop, batch 128): its later --batch overrides $BATCH.
 run bf16_loop_b128 150 --dtypes bfloat16 --depthwise conv --unrolled --parts train --batch 128
-# The best plans: bound 1,103 img/s at batch 128, 1,132 at 192 (README, the Pallas table).
+# The best plans: bound 1,103 img/s at batch 128, 1,132 at 192 (docs/performance.md).
 run bf16_loop_b128_pallas 150 --dtypes bfloat16 --depthwise conv --norm pallas --unrolled \
   --parts train --batch 128
 run bf16_loop_b192_pallas 150 --dtypes bfloat16 --depthwise conv --norm pallas --unrolled \

@@ -22,6 +22,10 @@ class UserError(ValueError):
     """A mistake the user can fix: bad config, flag, file or data."""
 
 
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder the user named (or a run needs) does not exist."""
+
+
 def show_tracebacks() -> bool:
     return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 

@@ -1,6 +1,8 @@
 """Latent record format, manifest validation, the digits dataset and the Grain pipeline."""
 import json
 import os
+import subprocess
+import sys
 
 import grain
 import jax
@@ -94,6 +96,28 @@ def test_truncated_shard_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(records.DataFormatError, match=f"{manifest.shards[0].name}.*truncated"):
         records.validate_dataset(str(tmp_path))
+
+
+def _corrupt_middle(path, manifest, shard):
+    """Flips bytes in the middle of a shard's records, keeping its size (a damaged disk block)."""
+    data = bytearray(path.read_bytes())
+    at = shard.count * manifest.record_nbytes // 2  # records first; the file is padded after
+    data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_shard_names_the_file_and_record(tmp_path):
+    manifest = _marked_dataset(tmp_path)
+    name = manifest.shards[1].name
+    _corrupt_middle(tmp_path / name, manifest, manifest.shards[1])
+    with pytest.raises(records.DataFormatError, match=f"shard .*{name} record \\d+ cannot be read"):
+        records.validate_dataset(str(tmp_path), deep=True)
+    proc = subprocess.run([sys.executable, "-m", "dico_jax.data.records", str(tmp_path), "--deep"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("dico_jax.data.records: error: shard ")
+    assert name in last[0] and "Traceback" not in proc.stderr
 
 
 def test_manifest_shape_or_dtype_disagreeing_with_records_is_named(tmp_path):

@@ -146,7 +146,7 @@ def test_modulated_layer_norm_gradient_matches_autodiff(dtype, tol):
 def test_layer_norm_gradient_reads_the_saved_statistics():
     """The statistics leave the forward rule through an optimization barrier, so XLA keeps
     them for the backward pass instead of recomputing them inside each consumer (which on
-    XLA:GPU wrote a full-size fp32 tensor per layer norm; README, roofline). The barrier sits
+    XLA:GPU wrote a full-size fp32 tensor per layer norm; docs/performance.md). The barrier sits
     in the gradient's forward rule only: inference has none."""
     x = jnp.ones((2, 4, 4, 8), jnp.bfloat16)
     shift = scale = jnp.zeros((2, 8))

@@ -26,6 +26,9 @@ import ml_dtypes
 import numpy as np
 from array_record.python import array_record_module
 
+from dico_jax import errors
+from dico_jax.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".array_record"
@@ -47,8 +50,14 @@ _DTYPES = {
 _DTYPE_BY_CODE = {code: name for name, (code, _) in _DTYPES.items()}
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """A dataset on disk disagrees with its manifest or the record format."""
+
+
+def damaged(where: str, err: Exception) -> DataFormatError:
+    """The error for a record the ArrayRecord reader could not read (a damaged chunk)."""
+    return DataFormatError(f"{where} cannot be read: {' '.join(str(err).split())[:300]}; the "
+                           "shard is damaged: restore or re-extract it")
 
 
 def storage_dtype(name: str) -> np.dtype:
@@ -198,7 +207,7 @@ def read_manifest(data_dir: str) -> Manifest:
     """Reads and checks ``data_dir/manifest.json`` (fields only; see ``validate_dataset``)."""
     path = os.path.join(data_dir, MANIFEST_NAME)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise errors.MissingFile(
             f"{path} does not exist; build a dataset with `python -m dico_jax.data.extract` "
             "or dico_jax.data.digits.build_digits_dataset"
         )
@@ -272,15 +281,36 @@ def _check_shard(data_dir: str, manifest: Manifest, shard: ShardInfo, deep: bool
         found = reader.num_records()
         if found != shard.count:
             raise DataFormatError(f"shard {path} holds {found} records but {MANIFEST_NAME} field 'count' of this shard says {shard.count}")
-        if found == 0:
-            return
-        stop = found if deep else 1
+        stop = min(found, found if deep else 1)
         for start in range(0, stop, 256):
-            records = reader.read(list(range(start, min(stop, start + 256))))
+            indices = list(range(start, min(stop, start + 256)))
+            try:
+                records = reader.read(indices)
+            except Exception:  # the C++ reader names neither the file nor the record
+                records = [_read_one(reader, path, i) for i in indices]
             for offset, data in enumerate(records):
                 check_record(data, manifest, f"shard {path} record {start + offset}")
-    finally:
+    except BaseException:
+        _close_quietly(reader)  # the error in flight says more than a failing close
+        raise
+    try:
         reader.close()
+    except Exception as e:  # noqa: BLE001 - a damaged tail fails only when closing
+        raise damaged(f"shard {path}", e) from e
+
+
+def _close_quietly(reader) -> None:
+    try:
+        reader.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _read_one(reader, path: str, index: int) -> bytes:
+    try:
+        return reader.read([index])[0]
+    except Exception as e:  # noqa: BLE001 - RuntimeError or ValueError from the C++ reader
+        raise damaged(f"shard {path} record {index}", e) from e
 
 
 def validate_dataset(data_dir: str, deep: bool = False, num_threads: int = 16) -> Manifest:
@@ -348,7 +378,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("data_dir")
     parser.add_argument("--deep", action="store_true", help="read every record, not only the first of each shard")
     args = parser.parse_args(argv)
-    manifest = validate_dataset(args.data_dir, deep=args.deep)
+    with errors.cli("dico_jax.data.records"):
+        manifest = validate_dataset(args.data_dir, deep=args.deep)
     print(
         f"{args.data_dir}: OK, {manifest.count} records in {len(manifest.shards)} shards, "
         f"latent {manifest.latent_shape} {manifest.dtype}, storage {manifest.storage}, "
