@@ -475,6 +475,19 @@ def test_digits_samples_of_wrong_shape_are_rejected():
         digits_features.as_digit_images(np.full((4, 8, 8), 200.0))
 
 
+def test_non_finite_samples_and_features_are_refused():
+    samples = np.zeros((6, 8, 8), np.float32)
+    samples[2, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="1 of 6 digit samples hold NaN"):
+        digits_features.as_digit_images(samples)
+    features = np.random.default_rng(0).normal(size=(20, 4))
+    features[[3, 7], 1] = np.inf
+    with pytest.raises(ValueError, match="2 of 20 rows hold NaN or infinite"):
+        metrics.feature_statistics(features)
+    with pytest.raises(ValueError, match="sample_features: 2 of 20 rows"):
+        metrics.precision_recall(np.zeros((20, 4)), features)
+
+
 def test_evaluate_cli_digits_mode(tmp_path):
     images, labels = digits_arrays()
     pick = np.random.default_rng(0).permutation(len(images))[:300]

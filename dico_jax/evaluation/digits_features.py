@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dico_jax.errors import UserError
 from dico_jax.data.digits import NUM_CLASSES, NUM_EXAMPLES, digits_arrays
 from dico_jax.evaluation import metrics
 
@@ -130,6 +131,10 @@ def as_digit_images(samples) -> np.ndarray:
         return samples.astype(np.float32) / 127.5 - 1.0
     if not np.issubdtype(samples.dtype, np.floating):
         raise ValueError(f"digit samples must be uint8 or float in [-1, 1], got dtype {samples.dtype}")
+    if not np.isfinite(samples).all():
+        bad = int((~np.isfinite(samples)).any(axis=(1, 2, 3)).sum())
+        raise UserError(f"{bad} of {len(samples)} digit samples hold NaN or infinite values; "
+                        "resample them (the run or its guidance scale produced them)")
     low, high = float(samples.min(initial=0.0)), float(samples.max(initial=0.0))
     if low < -1.5 or high > 1.5:
         raise ValueError(f"float digit samples must lie in [-1, 1], found values in [{low:.3g}, {high:.3g}]")

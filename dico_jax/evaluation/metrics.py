@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg, special
 
+from dico_jax.errors import UserError
+
 ADM_IS_SPLIT_SIZE = 5000
 ADM_NEIGHBORHOOD = 3
 # Rows/columns of the distance matrix computed at once; 10,000 x 10,000 float32 is 400 MB.
@@ -29,6 +31,7 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"features must be (num_samples, dim), got shape {features.shape}")
     if features.shape[0] < 2:
         raise ValueError(f"a covariance needs at least 2 samples, got {features.shape[0]}")
+    check_finite(features, "features")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -107,7 +110,7 @@ def _check_class_scores(array, name: str) -> np.ndarray:
     array = np.asarray(array, dtype=np.float64)
     if array.ndim != 2 or array.shape[0] == 0:
         raise ValueError(f"{name} must be (num_samples > 0, num_classes), got shape {array.shape}")
-    return array
+    return check_finite(array, name)
 
 
 def inception_score(probs, split_size: int = ADM_IS_SPLIT_SIZE) -> float:
@@ -164,7 +167,18 @@ def _as_features(features, name: str) -> np.ndarray:
     features = np.asarray(features, dtype=np.float32)
     if features.ndim != 2:
         raise ValueError(f"{name} must be (num_samples, dim), got shape {features.shape}")
-    return features
+    return check_finite(features, name)
+
+
+def check_finite(array: np.ndarray, name: str) -> np.ndarray:
+    """`array`, or an error naming how many rows hold NaN or infinite values (a metric of such
+    inputs is meaningless, and scipy's matrix square root fails on them obscurely)."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        rows = int((~finite).reshape(len(array), -1).any(axis=1).sum())
+        raise UserError(f"{name}: {rows} of {len(array)} rows hold NaN or infinite values; "
+                        "the samples they come from are not finite: resample them")
+    return array
 
 
 def manifold_radii(
