@@ -138,8 +138,17 @@ def test_model_of_another_size_names_both(official_file, tmp_path):
 def test_files_that_are_not_checkpoints(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="notes.pt is not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="notes.pt is not a PyTorch checkpoint"):
         checkpoints.import_torch_checkpoint(str(text), str(tmp_path / "a"), "DiCo-S")
+    as_json = tmp_path / "config.pt"
+    as_json.write_text('{"model": "DiCo-S"}')
+    done = subprocess.run([sys.executable, "-m", "dico_jax.convert", "from-torch", "--model=DiCo-S",
+                           f"--src={as_json}", f"--out={tmp_path / 'j'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("dico_jax.convert: error: ") and "config.pt is not a PyTorch" in lines[-1]
+    assert "weights_only" not in done.stderr and "Traceback" not in done.stderr
     other = tmp_path / "resnet.pt"
     torch.save(torch.nn.Conv2d(3, 8, 3).state_dict(), other)
     with pytest.raises(ValueError, match=r"resnet.pt holds no DiCo weights.*found 2 entries "
@@ -149,6 +158,21 @@ def test_files_that_are_not_checkpoints(tmp_path):
         checkpoints.import_torch_checkpoint(str(tmp_path / "gone.pt"), str(tmp_path / "c"), "DiCo-S")
     with pytest.raises(NotADirectoryError, match="notes.pt is a file"):
         checkpoints.export_torch_checkpoint(str(text), str(tmp_path / "d.pt"))
+
+
+def test_non_finite_weights_are_refused_unless_kept(tmp_path):
+    model = tiny_torch(2)
+    state = model.state_dict()
+    state["final_layer.out_proj.weight"][0, 0] = float("nan")
+    src = str(tmp_path / "0000010.pt")
+    torch.save({"model": state, "ema": state}, src)
+    with pytest.raises(ValueError, match=r"parameter arrays hold NaN.*--keep-non-finite"):
+        checkpoints.import_torch_checkpoint(src, str(tmp_path / "a"), "DiCo-S", OVERRIDES)
+    assert not os.path.exists(tmp_path / "a")
+    report = checkpoints.import_torch_checkpoint(src, str(tmp_path / "a"), "DiCo-S", OVERRIDES,
+                                                 keep_non_finite=True)
+    with pytest.raises(ValueError, match=r"a/10: .*NaN or infinite"):
+        checkpoints.export_torch_checkpoint(report.directory, str(tmp_path / "back.pt"))
 
 
 def test_missing_ema_and_occupied_output(official_file, imported, tmp_path):

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from dico_jax import runtime
+from dico_jax import errors, runtime
 from dico_jax.models import MODEL_NAMES
 
 
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--step", type=int, default=None,
                      help="train step to record (default: from the file name, else 0)")
 
+    imp.add_argument("--keep-non-finite", action="store_true",
+                     help="convert weights holding NaN or infinite values (refused by default)")
+
     exp = commands.add_parser("to-torch", help="Orbax checkpoint -> official .pt")
     exp.add_argument("--checkpoint", required=True,
                      help="training workdir, its checkpoints/ folder, or a from-torch directory")
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write STEM.model.safetensors and STEM.ema.safetensors instead of a .pt")
     exp.add_argument("--no-ema", dest="use_ema", action="store_false",
                      help="export the raw weights only (a bare state_dict)")
+    exp.add_argument("--keep-non-finite", action="store_true",
+                     help="export weights holding NaN or infinite values (refused by default)")
     return parser
 
 
@@ -67,15 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "from-torch":
             report = checkpoints.import_torch_checkpoint(
                 args.src, args.out, args.model, args.model_overrides, step=args.step,
-                resolution=args.resolution)
+                resolution=args.resolution, keep_non_finite=args.keep_non_finite)
         else:
             report = checkpoints.export_torch_checkpoint(
                 args.checkpoint, args.out, step=args.step, use_ema=args.use_ema,
-                safetensors=args.safetensors)
-    except (OSError, ValueError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+                safetensors=args.safetensors, keep_non_finite=args.keep_non_finite)
+    except (OSError, ValueError, KeyError) as err:  # files and flags the user named
+        if errors.show_tracebacks():
+            raise
+        print(errors.one_line("dico_jax.convert", err), file=sys.stderr)
+        return errors.EXIT_USER_ERROR
     print(report.summary())
     return 0
 

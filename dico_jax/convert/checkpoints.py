@@ -18,6 +18,7 @@ import numpy as np
 from dico_jax.convert.dico import (LEVELS, read_torch_file, select_state_dict, torch_to_flax,
                                    flax_to_torch, _strip_module_prefix)
 from dico_jax.checkpoint import resolve_checkpoint_path
+from dico_jax.errors import UserError
 from dico_jax.models import MODEL_CONFIGS, MODEL_NAMES
 
 # The fields of `config.model` that describe the network's shape.
@@ -184,7 +185,8 @@ def _check_overrides(overrides: Mapping[str, Any]) -> dict:
 
 def import_torch_checkpoint(src: str, out_dir: str, model_name: str,
                             overrides: Mapping[str, Any] | None = None, *,
-                            step: int | None = None, resolution: int = 256) -> ImportReport:
+                            step: int | None = None, resolution: int = 256,
+                            keep_non_finite: bool = False) -> ImportReport:
     """Official PyTorch checkpoint `src` -> Orbax checkpoint `out_dir/<step>`.
 
     The step defaults to the one in the file name (`0400000.pt`), else 0. `out_dir` must not
@@ -206,6 +208,8 @@ def import_torch_checkpoint(src: str, out_dir: str, model_name: str,
         ema_params = params if ema_sd is raw_sd else torch_to_flax(ema_sd, model_name, **kwargs)
     except ValueError as err:
         raise ValueError(f"{src}: {err}") from err
+    if not keep_non_finite:
+        check_finite_weights({"params": params, "ema_params": ema_params}, src)
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     existing = ckpt_lib.saved_steps(out_dir)
@@ -222,6 +226,19 @@ def import_torch_checkpoint(src: str, out_dir: str, model_name: str,
     finally:
         checkpointer.close()
     return ImportReport(out_dir, step, model_name, overrides, raw_from, ema_from)
+
+
+def check_finite_weights(tree: Mapping[str, Any], source: str) -> None:
+    """Refuses weights holding NaN or infinite values (a diverged or damaged checkpoint),
+    naming the first parameters that do."""
+    import jax
+
+    bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+           if not np.isfinite(np.asarray(x, np.float32)).all()]
+    if bad:
+        raise UserError(f"{source}: {len(bad)} parameter arrays hold NaN or infinite values "
+                        f"(first: {', '.join(bad[:3])}); pass --keep-non-finite to convert "
+                        "them anyway")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +266,8 @@ def safetensors_paths(out: str) -> dict[str, str]:
 
 
 def export_torch_checkpoint(checkpoint: str, out: str, *, step: int | None = None,
-                            use_ema: bool = True, safetensors: bool = False) -> ExportReport:
+                            use_ema: bool = True, safetensors: bool = False,
+                            keep_non_finite: bool = False) -> ExportReport:
     """Orbax checkpoint (a workdir, its checkpoints/ or a from-torch directory) -> PyTorch.
 
     `.pt`: {"model": raw, "ema": EMA} with the official names (the official loader takes
@@ -267,6 +285,8 @@ def export_torch_checkpoint(checkpoint: str, out: str, *, step: int | None = Non
     except KeyError as err:
         hint = " (use --no-ema to export the raw weights only)" if use_ema else ""
         raise KeyError(f"{err.args[0]}{hint}") from None
+    if not keep_non_finite:
+        check_finite_weights(state, f"{directory}/{step}")
     config = ckpt_lib.read_config(directory, step)
     model_name = config["model"]["name"]
     kwargs = model_kwargs(config)

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 import numpy as np
 
 from dico_jax.convert.report import mismatch_message
+from dico_jax.errors import UserError
 from dico_jax.models import abstract_params, get_model
 
 LEVELS = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
@@ -221,12 +222,23 @@ def read_torch_file(path: str | os.PathLike) -> Any:
         return load_file(path)
     import torch
 
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle).
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise UserError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; "
+                        f"this file starts with {head!r}); give the .pt/.pth or .safetensors file "
+                        "of the official run")
     try:
         # The official checkpoints carry their argparse.Namespace under "args".
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+        # torch's own message goes on to advise weights_only=False, which would run any code
+        # the file holds: keep its first line only.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first}); it must hold "
+                        "tensors and the official checkpoint's fields only") from err
 
 
 def select_state_dict(obj: Any, use_ema: bool = True, source: str = "checkpoint") -> Mapping[str, Any]:
