@@ -8,6 +8,7 @@ checkpoints intact.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping
 
@@ -15,6 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from dico_jax.errors import MissingFile, NotAFolder, UserError
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -33,9 +36,9 @@ def resolve_checkpoint_path(path: str, step: int | None = None) -> tuple[str, in
     (its `checkpoints/`) or one step's folder (`.../<step>`, which also fixes the step)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint directory {path}")
+        raise MissingFile(f"no checkpoint directory {path}")
     if not os.path.isdir(path):
-        raise NotADirectoryError(
+        raise NotAFolder(
             f"{path} is a file; expected an Orbax checkpoint directory (a training workdir, its "
             "checkpoints/ folder, or a folder written by `python -m dico_jax.convert from-torch`)")
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -43,7 +46,7 @@ def resolve_checkpoint_path(path: str, step: int | None = None) -> tuple[str, in
     name = os.path.basename(path)
     if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
         if step is not None and step != int(name):
-            raise ValueError(
+            raise UserError(
                 f"{path} is the checkpoint of step {int(name)}, but step {step} was asked for")
         return os.path.dirname(path), int(name)
     return path, step
@@ -100,11 +103,107 @@ class TrainCheckpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE], restored[DATA] if data_iterator is not None else None
 
+    def saved_config(self, step: int) -> dict | None:
+        """The config saved with `step`, or None when that step has none or it is unreadable."""
+        try:
+            return self.manager.restore(
+                step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        except Exception:  # noqa: BLE001 - older or damaged steps: nothing to compare with
+            return None
+
+    def restore_newest(self, abstract_state: Any, data_iterator: Any = None) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores, or None when there is none.
+
+        A step that cannot be read (a damaged file) is moved aside to
+        `<directory>_damaged/<step>` (kept for inspection, never deleted), with a WARNING
+        naming it, and the step before is tried; every process must restore a step for it to
+        be taken, so all processes fall back together.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                state, _ = self.restore(step, abstract_state, data_iterator)
+                error = None
+            except Exception as err:  # noqa: BLE001 - TensorStore and Orbax raise many types
+                state, error = None, err
+            if _all_processes(error is None):
+                return step, state
+            self._set_aside(step, error)
+        if steps:
+            raise UserError(f"no checkpoint in {self.directory} can be restored (steps "
+                            f"{sorted(steps)} were moved to {self.directory}_damaged); delete "
+                            "the workdir's checkpoints to start over, or restore them from a copy")
+        return None
+
+    def _set_aside(self, step: int, error: Exception | None) -> None:
+        damaged = f"{self.directory}_damaged"
+        reason = " ".join(str(error).split())[:300] if error is not None else "on another process"
+        logging.warning("checkpoint of step %d in %s cannot be restored (%s): moved to %s/%d; "
+                        "falling back to the step before", step, self.directory, reason,
+                        damaged, step)
+        if jax.process_index() == 0:
+            epath.Path(damaged).mkdir(parents=True, exist_ok=True)
+            target = epath.Path(damaged) / str(step)
+            if target.exists():  # an earlier fallback set aside a step of this number
+                target = epath.Path(damaged) / f"{step}.{len(list(epath.Path(damaged).iterdir()))}"
+            (epath.Path(self.directory) / str(step)).rename(target)
+        _barrier(f"set aside checkpoint {step}")
+        self.manager.reload()
+
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+# The config fields that fix the shapes of the saved parameters.
+ARCH_FIELDS = ("hidden_size", "depths", "mlp_ratio", "in_channels", "out_channels", "num_classes")
+
+
+def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config.<field>` -> value for everything that fixes the parameters' shapes: the model's
+    name, its fields (a field left None takes the named model's default) and learn_sigma."""
+    from dico_jax.models import MODEL_CONFIGS
+
+    model = dict(config.get("model") or {})
+    name = model.get("name")
+    fields = {**MODEL_CONFIGS.get(name, {}), **{k: v for k, v in model.items() if v is not None}}
+    arch = {"model.name": name}
+    for key in ARCH_FIELDS:
+        value = fields.get(key)
+        arch[f"model.{key}"] = [int(d) for d in value] if key == "depths" and value else value
+    arch["diffusion.learn_sigma"] = bool((config.get("diffusion") or {}).get("learn_sigma", True))
+    return arch
+
+
+def check_same_model(saved: Mapping[str, Any] | None, config: Mapping[str, Any],
+                     where: str) -> None:
+    """Refuses to resume from a checkpoint of another network, naming the differing fields."""
+    if not saved:
+        return
+    have, want = architecture(saved), architecture(config)
+    diff = [f"config.{k}: checkpoint {have[k]!r}, this run {want[k]!r}" for k in have
+            if have[k] != want[k] and want[k] is not None and have[k] is not None]
+    if diff:
+        raise UserError(f"{where} holds another model than this config describes ("
+                        + "; ".join(diff) + "): use the checkpoint's settings, or a new workdir")
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when `ok` holds on every process (a collective with several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _read_only_manager(directory: str) -> ocp.CheckpointManager:
@@ -115,15 +214,15 @@ def _read_only_manager(directory: str) -> ocp.CheckpointManager:
 
 def _latest_step(directory: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
     if not epath.Path(directory).is_dir():
-        raise FileNotFoundError(f"no checkpoint directory {directory}")
+        raise MissingFile(f"no checkpoint directory {directory}")
     manager = _read_only_manager(directory)
     steps = list(manager.all_steps())
     if not steps:
-        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+        raise MissingFile(f"no finished checkpoint in {directory}")
     if step is None:
         step = max(steps)
     elif step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; found {sorted(steps)}")
+        raise MissingFile(f"no checkpoint for step {step} in {directory}; found {sorted(steps)}")
     return manager, step
 
 
@@ -161,7 +260,13 @@ def restore_to_host(directory: str, step: int | None = None,
         restore = ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)
-        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))[STATE]
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))[STATE]
+        except Exception as err:  # noqa: BLE001 - TensorStore and Orbax raise many types
+            others = sorted(set(manager.all_steps()) - {step})
+            hint = f"; pass --step with one of {others}" if others else ""
+            raise UserError(f"checkpoint of step {step} in {directory} cannot be read ("
+                            f"{' '.join(str(err).split())[:300]}){hint}") from err
     finally:
         manager.close()
     return jax.tree.map(np.asarray, restored), step

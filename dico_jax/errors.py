@@ -26,6 +26,10 @@ class MissingFile(UserError, FileNotFoundError):
     """A file or folder the user named (or a run needs) does not exist."""
 
 
+class NotAFolder(UserError, NotADirectoryError):
+    """A file was named where a folder is needed."""
+
+
 def show_tracebacks() -> bool:
     return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
