@@ -1,4 +1,4 @@
-"""Gaussian diffusion for DiCo: schedules, training loss, samplers and classifier-free guidance."""
+"""Diffusion for DiCo: Gaussian (DDPM) and flow-matching objectives, samplers and guidance."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -12,22 +12,37 @@ from dico_jax.diffusion.gaussian import (
     named_beta_schedule,
     normal_kl,
 )
+from dico_jax.diffusion.flow import FlowMatching, model_time, path_coefficients, shift_time
+from dico_jax.diffusion.flow_sampling import (
+    euler_maruyama_sample,
+    euler_sample,
+    heun_sample,
+    time_grid,
+)
 from dico_jax.diffusion.guidance import guided_model_fn
 from dico_jax.diffusion.respace import respaced_betas, space_timesteps
 from dico_jax.diffusion.sampling import ddim_sample_loop, p_sample_loop
 
 __all__ = [
     "BETA_SCHEDULES",
+    "FlowMatching",
     "GaussianDiffusion",
     "create_diffusion",
     "ddim_sample_loop",
     "discretized_gaussian_log_likelihood",
+    "euler_maruyama_sample",
+    "euler_sample",
     "guided_model_fn",
+    "heun_sample",
+    "model_time",
     "named_beta_schedule",
     "normal_kl",
     "p_sample_loop",
+    "path_coefficients",
     "respaced_betas",
+    "shift_time",
     "space_timesteps",
+    "time_grid",
 ]
 
 

@@ -10,7 +10,8 @@ ApplyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def guided_model_fn(apply_fn: ApplyFn, y: jax.Array, cfg_scale: float, *, null_label: int,
-                    guidance_channels: int | str | None = 3):
+                    guidance_channels: int | str | None = 3,
+                    interval: tuple[float, float] | None = None):
     """Returns model_fn(x, t) = the class-conditional output of `apply_fn(x, t, y)`, guided.
 
     The conditional and null-label passes run as one doubled batch [x; x] with labels
@@ -20,6 +21,15 @@ def guided_model_fn(apply_fn: ApplyFn, y: jax.Array, cfg_scale: float, *, null_l
     None or "all" guides every eps channel (as many as x has). Unlike the reference, which
     returns the doubled batch, this returns the N conditional rows only. With cfg_scale == 1
     the null pass is skipped and the model sees N rows.
+
+    `interval=(low, high)` limits guidance to low <= t <= high (Kynkaanniemi et al. 2024,
+    "Applying guidance in a limited interval"), with t as model_fn receives it, i.e. in the
+    sampler's own time: the original step index for the DDPM/DDIM samplers (0 = least noisy;
+    `FlowMatching.ddpm_step_interval` turns a flow-time interval into steps of matching noise
+    level), flow time for `FlowMatching.guided_velocity_fn`. An example outside the interval
+    gets the conditional output exactly, one inside the guided output. When no example of the
+    batch is inside (the samplers give every row the same t) a `lax.cond` runs the N-row
+    conditional pass alone, so steps outside the interval cost one pass, not two.
     """
     try:
         scale = float(cfg_scale)
@@ -37,10 +47,13 @@ def guided_model_fn(apply_fn: ApplyFn, y: jax.Array, cfg_scale: float, *, null_l
             f"guidance_channels must be a positive int, None or 'all'; got {guidance_channels!r}"
         )
 
+    if interval is not None:
+        low, high = (float(v) for v in interval)
+
     if scale == 1.0:
         return lambda x, t: apply_fn(x, t, y)
 
-    def model_fn(x, t):
+    def guided_fn(x, t):
         n, channels = x.shape[0], x.shape[-1]
         guided = channels if guidance_channels is None else guidance_channels
         if guided > channels:
@@ -52,6 +65,18 @@ def guided_model_fn(apply_fn: ApplyFn, y: jax.Array, cfg_scale: float, *, null_l
         out = apply_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), labels)
         cond, uncond = out[:n], out[n:]
         mixed = uncond[..., :guided] + scale * (cond[..., :guided] - uncond[..., :guided])
-        return jnp.concatenate([mixed.astype(cond.dtype), cond[..., guided:]], axis=-1)
+        return jnp.concatenate([mixed.astype(cond.dtype), cond[..., guided:]], axis=-1), cond
+
+    if interval is None:
+        return lambda x, t: guided_fn(x, t)[0]
+
+    def model_fn(x, t):
+        inside = (t >= low) & (t <= high)
+
+        def some_inside(x, t):
+            out, cond = guided_fn(x, t)
+            return jnp.where(inside.reshape((-1,) + (1,) * (out.ndim - 1)), out, cond)
+
+        return jax.lax.cond(jnp.any(inside), some_inside, lambda x, t: apply_fn(x, t, y), x, t)
 
     return model_fn
