@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Also write a grid after the last step (pixel-space data only).
     config.sample_at_end = False
 
+    # Each step's global batch as this many micro-batches, their gradients accumulated in one
+    # jitted step: the update of the whole batch with the activation memory of one micro-batch.
+    config.grad_accum_steps = 1
+
     # Optimizer: AdamW, constant learning rate after an optional linear warmup.
     config.learning_rate = 1e-4
     config.warmup_steps = 0

@@ -88,7 +88,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
+def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
     """Keeps an activation split along its batch dim over the batch axes, when traced under a
     (data, fsdp) mesh (the train step sets it); elsewhere returns x as is.
 
@@ -99,7 +99,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     """
     if batch_split_mesh() is None:
         return x
-    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+    return jax.lax.with_sharding_constraint(x, P(*([None] * batch_dim), BATCH_AXES))
 
 
 def batch_split_mesh():

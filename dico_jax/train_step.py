@@ -65,29 +65,72 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 # The step.
 
 
+def step_draws(step_key: jax.Array, step: jax.Array, labels: jax.Array,
+               latent_shape: tuple[int, ...], num_timesteps: int, drop_prob: float
+               ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Timesteps, noise and label-drop mask of every position of step `step`'s global batch.
+
+    Drawn for the whole batch from fold_in(step_key, step), so they depend on the seed, the
+    step and the position only: not on the devices, the processes or how the batch is cut
+    into micro-batches. The drop mask is None when the model has no null label.
+    """
+    key = jax.random.fold_in(step_key, step)
+    t_key, noise_key, dropout_key = jax.random.split(key, 3)
+    n = labels.shape[0]
+    t = jax.random.randint(t_key, (n,), 0, num_timesteps)
+    noise = jax.random.normal(noise_key, (n, *latent_shape), jnp.float32)
+    drop = jax.random.uniform(dropout_key, (n,)) < drop_prob if drop_prob > 0 else None
+    return t, noise, drop
+
+
+def _micro_batches(tree: Any, k: int) -> Any:
+    """(N, ...) arrays as (k, N / k, ...): micro-batch j holds positions j, j + k, j + 2k, ...
+
+    Interleaved rather than contiguous so that each device keeps its own rows: a device's
+    contiguous block of the batch holds a share of every micro-batch, and cutting the batch
+    moves no data.
+    """
+    def split(a):
+        a = a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)
+        return sharding_lib.constrain_batch(a, batch_dim=1)
+    return jax.tree.map(split, tree)
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
                diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule, ema_decay: float,
-               step_key: jax.Array) -> tuple[TrainState, Metrics]:
+               step_key: jax.Array, grad_accum_steps: int = 1) -> tuple[TrainState, Metrics]:
     """One AdamW step on the diffusion loss and the EMA update.
 
-    Timesteps, noise and label dropout come from fold_in(step_key, state.step), so a step
-    depends only on the state and the batch. Returns the new state and scalar metrics.
+    The loss and gradient are those of the whole global batch; with `grad_accum_steps` = k
+    they are accumulated over k micro-batches in a `lax.scan` (the activations of one
+    micro-batch live at a time), with the same timesteps, noise and label drops
+    (`step_draws`). Returns the new state and scalar metrics.
     """
-    key = jax.random.fold_in(step_key, state.step)
-    t_key, noise_key, dropout_key = jax.random.split(key, 3)
     x, y = batch["latent"].astype(jnp.float32), batch["label"]
-    t = jax.random.randint(t_key, (x.shape[0],), 0, diffusion.num_timesteps)
-    noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+    t, noise, drop = step_draws(step_key, state.step, y, x.shape[1:], diffusion.num_timesteps,
+                                float(model.class_dropout_prob))
+    micro = {"x": x, "y": y, "t": t, "noise": noise, "drop": drop}
 
-    def loss_fn(params):
+    def loss_fn(params, m):
         def model_fn(x_t, timesteps):
-            return model.apply({"params": params}, x_t, timesteps, y, train=True,
-                               rngs={"dropout": dropout_key})
-        terms = diffusion.training_losses(model_fn, x, t, noise)
-        return jnp.mean(terms["loss"]), terms
+            return model.apply({"params": params}, x_t, timesteps, m["y"],
+                               force_drop=m["drop"])
+        terms = diffusion.training_losses(model_fn, m["x"], m["t"], m["noise"])
+        return jnp.mean(terms["loss"]), {k: jnp.mean(terms[k]) for k in ("mse", "vb")}
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        (loss, terms), grads = grad_fn(state.params, micro)
+    else:
+        def accumulate(carry, m):
+            (loss, terms), grads = grad_fn(state.params, m)
+            return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+
+        scalar = jnp.zeros((), jnp.float32)
+        zeros = (scalar, {"mse": scalar, "vb": scalar}, jax.tree.map(jnp.zeros_like, state.params))
+        total, _ = jax.lax.scan(accumulate, zeros, _micro_batches(micro, grad_accum_steps))
+        loss, terms, grads = jax.tree.map(lambda v: v / grad_accum_steps, total)
     with jax.named_scope("optimizer"):  # names the kernels in profiles and tools/roofline
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -96,8 +139,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
                                   state.ema_params, params)
     metrics = {
         "loss": loss,
-        "mse": jnp.mean(terms["mse"]),
-        "vb": jnp.mean(terms["vb"]),
+        "mse": terms["mse"],
+        "vb": terms["vb"],
         "grad_norm": optax.global_norm(grads),
         "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
     }
@@ -114,7 +157,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: Any, diffusion: Ga
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step_fn = functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
                                 lr_schedule=lr_schedule, ema_decay=float(config.ema_decay),
-                                step_key=step_key)
+                                step_key=step_key,
+                                grad_accum_steps=int(config.get("grad_accum_steps", 1)))
 
     def step(state, batch):
         # Traced under the mesh, so the network keeps its activations split along the batch.

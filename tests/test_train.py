@@ -147,6 +147,36 @@ def test_sharded_step_matches_one_device(digits_dir):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_accumulation_equals_the_large_batch(digits_dir):
+    """k = 4 micro-batches: the same draws, loss and update as the whole batch at once."""
+    config = train.resolve_config(tiny_config(digits_dir), records.read_manifest(digits_dir))
+    config.global_batch_size = 64
+    model = builders.build_model(config)
+    diffusion = create_diffusion("")
+    tx, schedule = builders.build_optimizer(config)
+    shape = tuple(records.read_manifest(digits_dir).latent_shape)
+    rng = np.random.default_rng(1)
+    batch = {"latent": rng.standard_normal((64, *shape)).astype(np.float32),
+             "label": rng.integers(0, 10, 64).astype(np.int32)}
+    mesh = sharding_lib.create_mesh({"data": 4, "fsdp": 2})
+    init, _, shardings = train_step.init_state(config, model, tx, mesh, shape)
+    initial = host(init())
+    out = {}
+    for k in (1, 4):
+        config.grad_accum_steps = k
+        step = train_step.make_train_step(config, model, diffusion, tx, schedule, shardings, mesh)
+        state, metrics = step(jax.device_put(initial, shardings),
+                              pipeline.make_global_batch(batch, mesh))
+        update = jax.tree.map(lambda new, old: np.asarray(new) - old, host(state.params),
+                              initial.params)
+        out[k] = ({m: float(v) for m, v in metrics.items()}, update)
+    (m1, u1), (m4, u4) = out[1], out[4]
+    for name in ("loss", "mse", "vb", "grad_norm"):
+        assert abs(m4[name] - m1[name]) <= 1e-5 * abs(m1[name]), (name, m1[name], m4[name])
+    flat1, flat4 = (np.concatenate([x.ravel() for x in jax.tree.leaves(u)]) for u in (u1, u4))
+    assert np.linalg.norm(flat4 - flat1) <= 1e-5 * np.linalg.norm(flat1)
+
+
 def test_param_partition_rule():
     spec = sharding_lib.param_partition_spec
     assert spec((9, 416, 832), 4, 1024) == jax.sharding.PartitionSpec(None, None, "fsdp")
