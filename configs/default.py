@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Depthwise 3x3: "auto" (shifted multiply-adds on CPU, grouped conv elsewhere), "conv", "shift".
     config.model.depthwise_impl = "auto"
     # Layer norms: "xla" (fused by the compiler), "pallas" (one-pass GPU kernels,
-    # dico_jax/models/fused_norm.py), "pallas_interpret" (those kernels interpreted: checks).
+    # dico_jax/models/kernels/), "pallas_interpret" (those kernels interpreted: checks).
     config.model.norm_impl = "xla"
 
     # Input: a latent dataset written by `dico_jax.data` (manifest.json + ArrayRecord shards).
