@@ -49,8 +49,8 @@ run() {
 
 P=/tmp/dico_profile
 run bf16 200 --dtypes bfloat16 --depthwise conv --torch --profile $P
-# The layer norms' training path as Pallas kernels (dico_jax/models/fused_norm.py): their
-# first run on a GPU; planned at 351 GB per step against 368 (bound 693 img/s against 668).
+# The layer norms' training path as Pallas kernels (dico_jax/models/kernels/fused_norm.py),
+# second, so that a short run still compares them with the XLA baseline.
 run bf16_pallas 100 --dtypes bfloat16 --depthwise conv --norm pallas --parts train --profile $P
 run bf16_loop 150 --dtypes bfloat16 --depthwise conv --unrolled --parts train --profile $P
 # XLA's pass (off by default) that skips zero-filling the scan's stacked residuals, which the
@@ -62,7 +62,7 @@ run bf16_shift 80 --dtypes bfloat16 --depthwise shift --parts train
 run fp32 150 --dtypes float32 --depthwise conv --torch
 # The plan's best bound (Python loop, batch 128): its later --batch overrides $BATCH.
 run bf16_loop_b128 150 --dtypes bfloat16 --depthwise conv --unrolled --parts train --batch 128
-# The best plans: bound 1,103 img/s at batch 128, 1,132 at 192 (docs/performance.md).
+# The best plans (docs/performance.md, the Pallas layer norms).
 run bf16_loop_b128_pallas 150 --dtypes bfloat16 --depthwise conv --norm pallas --unrolled \
   --parts train --batch 128
 run bf16_loop_b192_pallas 150 --dtypes bfloat16 --depthwise conv --norm pallas --unrolled \

@@ -6,8 +6,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dico_jax import sharding as sharding_lib
-from dico_jax.models import get_model
+from dico_jax.models import get_model, kernels
 from dico_jax.models import layers as L
+
+KERNEL = kernels.layer_norm_fn("pallas_interpret")
+KERNEL_AND_SKIP = kernels.layer_norm_fn("pallas_interpret", skip=True)
 
 
 def _args(shape, dtype, seed=0):
@@ -37,8 +40,7 @@ def _close(got, want, tol, what):
 def test_kernels_match_the_xla_layer_norm(shape, dtype, tol):
     x, shift, scale, dy, dskip = _args(shape, dtype)
     want, want_vjp = jax.vjp(L.modulated_layer_norm, x, shift, scale)
-    got, got_vjp = jax.vjp(lambda *a: L.modulated_layer_norm(*a, impl="pallas_interpret"), x, shift,
-                              scale)
+    got, got_vjp = jax.vjp(KERNEL, x, shift, scale)
     assert got.dtype == dtype and got.shape == shape
     _close(got, want, tol, "y")
     want_grads = want_vjp(dy)
@@ -47,8 +49,7 @@ def test_kernels_match_the_xla_layer_norm(shape, dtype, tol):
         _close(g, w, tol, f"d{name}")
 
     # The skip variant: same output, x passed through, its gradient added to dx.
-    (got, skip), vjp = jax.vjp(
-        lambda *a: L.modulated_layer_norm_and_skip(*a, impl="pallas_interpret"), x, shift, scale)
+    (got, skip), vjp = jax.vjp(KERNEL_AND_SKIP, x, shift, scale)
     assert skip is x or np.array_equal(np.asarray(skip), np.asarray(x))
     _close(got, want, tol, "y (skip)")
     dx, d_shift, d_scale = vjp((dy, dskip))
@@ -66,27 +67,6 @@ def _residual_args(shape, dtype, seed=0):
     return (x, z, bias, gate, shift, scale), (dy, dr)
 
 
-@pytest.mark.parametrize("shape,dtype,tol", [
-    ((3, 8, 6, 130), jnp.float32, 1e-6),
-    ((2, 16, 12, 300), jnp.float32, 1e-6),
-    ((2, 6, 4, 48), jnp.bfloat16, 2e-2),
-])
-def test_residual_kernels_match_the_xla_residual_and_layer_norm(shape, dtype, tol):
-    """r = x + gate (z + bias) and its layer norm in one kernel each way: outputs and the
-    gradients of all six inputs as XLA computes them (bf16: the kernel rounds the sum once,
-    XLA after each operation)."""
-    args, cotangents = _residual_args(shape, dtype)
-    want, want_vjp = jax.vjp(lambda *a: L.residual_layer_norm(*a, impl="xla"), *args)
-    got, got_vjp = jax.vjp(lambda *a: L.residual_layer_norm(*a, impl="pallas_interpret"), *args)
-    for g, w, name in zip(got, want, ("y", "r")):
-        assert g.dtype == w.dtype == dtype, name
-        _close(g, w, tol, name)
-    for g, w, name in zip(got_vjp(cotangents), want_vjp(cotangents),
-                          ("x", "z", "bias", "gate", "shift", "scale")):
-        assert g.dtype == w.dtype and g.shape == w.shape, name
-        _close(g, w, tol, f"d{name}")
-
-
 def test_kernels_run_per_batch_shard_under_a_mesh():
     """Under a (data, fsdp) mesh the kernels run on each device's images (shard_map): the
     compiled program moves no activations between devices (the bias gradient's per-shard
@@ -95,10 +75,11 @@ def test_kernels_run_per_batch_shard_under_a_mesh():
     args, (dy, dr) = _residual_args((8, 4, 4, 24), jnp.float32, seed=1)
 
     def grads(args, dy, dr, impl):
+        norm = kernels.layer_norm_fn(impl, skip=True)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            def block(x, z, bias, gate, shift, scale):  # both kernel forms, as a block has them
-                h, x = L.modulated_layer_norm_and_skip(x, shift, scale, impl)
-                return L.residual_layer_norm(x, z + h, bias, gate, shift, scale, impl)
+            def block(x, z, bias, gate, shift, scale):  # two layer norms around a gated sum
+                h, x = norm(x, shift, scale)
+                return norm(x + gate[:, None, None, :] * (z + h + bias), shift, scale)
 
             outs, vjp = jax.vjp(block, *args)
             return outs + vjp((dy, dr))
@@ -122,12 +103,11 @@ def test_kernels_run_only_when_differentiated():
     """Sampling and evaluation keep XLA's layer norm (which XLA fuses with the residual sums
     around it); a gradient brings in the forward and backward kernels."""
     x, shift, scale, dy, _ = _args((2, 4, 4, 16), jnp.float32)
-    norm = lambda *a: L.modulated_layer_norm(*a, impl="pallas_interpret")  # noqa: E731
-    plain = str(jax.make_jaxpr(norm)(x, shift, scale))
-    trained = str(jax.make_jaxpr(lambda *a: jax.vjp(norm, *a[:3])[1](a[3]))(x, shift, scale, dy))
+    plain = str(jax.make_jaxpr(KERNEL)(x, shift, scale))
+    trained = str(jax.make_jaxpr(lambda *a: jax.vjp(KERNEL, *a[:3])[1](a[3]))(x, shift, scale, dy))
     assert "pallas_call" not in plain
     assert trained.count("pallas_call") == 2, "expected the forward and the backward kernel"
-    np.testing.assert_array_equal(norm(x, shift, scale), L.modulated_layer_norm(x, shift, scale))
+    np.testing.assert_array_equal(KERNEL(x, shift, scale), L.modulated_layer_norm(x, shift, scale))
 
 
 def test_unknown_norm_impl_is_named():

@@ -7,7 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dico_jax.models.dico import DiCo, REMAT_POLICIES, check_norm_impl, depthwise_for
+from dico_jax.models.dico import DiCo, REMAT_POLICIES, depthwise_for
+from dico_jax.models.kernels import check_norm_impl
 
 # Widths, depths (enc1, enc2, middle, dec2, dec1) and MLP ratios of the official models.
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {

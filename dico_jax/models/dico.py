@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from dico_jax import sharding
+from dico_jax.models import kernels
 from dico_jax.models import layers as L
 
 REMAT_POLICIES = {
@@ -96,30 +97,18 @@ class BlockStack(nn.Module):
             return x
 
         x, c = sharding.constrain_batch(x), sharding.constrain_batch(c)
-        # With the Pallas layer norms each block leaves its last residual sum to the next
-        # block's first layer-norm kernel (`L.dico_block`, defer); XLA fuses it better itself.
-        defer = self.norm_impl != "xla"
+        norm = kernels.layer_norm_fn(self.norm_impl, skip=True)
 
-        def block(carry, p):
-            x, pending = carry
-            out = L.dico_block(p, x, c, self.depthwise_impl, self.norm_impl, pending, defer)
-            if not defer:
-                return sharding.constrain_batch(out), None
-            x, (z, bias, gate) = out
-            split = sharding.constrain_batch
-            return split(x), (split(z), bias, split(gate))
+        def block(x, p):
+            return sharding.constrain_batch(L.dico_block(p, x, c, self.depthwise_impl, norm))
 
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.remat != "none":
             block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat])
 
-        pending = None
         if self.scan:
-            if defer:  # the scan's carry keeps one form: the first block adds a zero sum
-                pending = (jnp.zeros_like(x), jnp.zeros((d,), jnp.float32),
-                           jnp.zeros((x.shape[0], d), jnp.float32))
-            (x, pending), _ = jax.lax.scan(lambda h, p: (block(h, p), None), (x, pending), params)
+            x, _ = jax.lax.scan(lambda h, p: (block(h, p), None), x, params)
         else:
             # One split per stacked leaf: its gradient is one concatenation, where per-layer
             # indexing would pad every layer's gradient to the whole stack and add them up.
@@ -127,9 +116,8 @@ class BlockStack(nn.Module):
             per_leaf = [[jnp.squeeze(s, 0) for s in jax.lax.split(a, (1,) * n, axis=0)]
                         for a in leaves]
             for i in range(n):
-                layer = treedef.unflatten([layers[i] for layers in per_leaf])
-                x, pending = block((x, pending), layer)
-        return x if pending is None else L.residual_sum(x, *pending)
+                x = block(x, treedef.unflatten([layers[i] for layers in per_leaf]))
+        return x
 
 
 def depthwise_for(platform: str) -> str:
@@ -137,16 +125,6 @@ def depthwise_for(platform: str) -> str:
     "tpu"): nine shifted multiply-adds on CPU, where XLA fuses them into one loop; the grouped
     convolution elsewhere, which the accelerators' convolution emitters handle."""
     return "shift" if platform == "cpu" else "conv"
-
-
-def check_norm_impl(norm_impl: str, platform: str, field: str = "norm_impl") -> None:
-    """A clear error where `norm_impl` cannot run on `platform` ("cpu", "gpu", "tpu"): the
-    "pallas" kernels are written for Pallas's Triton backend, which only GPUs have (elsewhere
-    Pallas fails while lowering, on a TPU with a bare AssertionError)."""
-    if norm_impl == "pallas" and platform != "gpu":
-        raise ValueError(f"{field}='pallas' runs Pallas kernels for GPUs (Triton backend); this "
-                         f"process runs on {platform!r}: use 'xla' there, or "
-                         "'pallas_interpret' to run the same kernels in Pallas's interpreter")
 
 
 class DiCo(nn.Module):
@@ -183,8 +161,7 @@ class DiCo(nn.Module):
         C = self.hidden_size
         if len(self.depths) != 5:
             raise ValueError(f"depths must have 5 entries (enc1, enc2, mid, dec2, dec1), got {self.depths}")
-        if self.norm_impl not in L.NORM_IMPLS:
-            raise ValueError(f"norm_impl must be one of {L.NORM_IMPLS}, got {self.norm_impl!r}")
+        kernels.layer_norm_fn(self.norm_impl)  # refuses an unknown name before any work
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"x must be (N, H, W, {self.in_channels}), got {x.shape}")
         if x.shape[1] % 4 or x.shape[2] % 4:
@@ -252,5 +229,5 @@ class FinalLayer(nn.Module):
         ada = _linear("adaLN_modulation", d, 2 * d, L.zeros)()
         out = _conv3x3("out_proj", d, self.out_channels, L.zeros)()
         shift, scale = jnp.split(L.dense(jax.nn.silu(c), ada["kernel"], ada["bias"]), 2, axis=-1)
-        h = L.modulated_layer_norm(x, shift, scale, self.norm_impl)
+        h = kernels.layer_norm_fn(self.norm_impl)(x, shift, scale)
         return L.conv3x3(h, out["kernel"], out["bias"], dtype).astype(jnp.float32)

@@ -15,8 +15,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from dico_jax.models import fused_norm
-
 Array = jax.Array
 LN_EPS = 1e-6
 
@@ -164,60 +162,24 @@ def _depthwise_shift_bwd(res, g):
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
-NORM_IMPLS = ("xla", "pallas", "pallas_interpret")
-
-
 @_scoped
-def modulated_layer_norm(x: Array, shift: Array, scale: Array, impl: str = "xla") -> Array:
+def modulated_layer_norm(x: Array, shift: Array, scale: Array) -> Array:
     """LayerNorm over channels (no affine, eps 1e-6), then x (1 + scale) + shift.
 
     Statistics are taken in fp32 whatever the compute dtype; shift and scale are (N, C).
     The gradient is written out so that the backward pass keeps only x and the per-pixel
     mean and 1/std: autodiff of the fp32 forward would keep three full-size fp32 tensors per
-    call, which dominates memory traffic in bf16 training. `impl` says what computes it when
-    differentiated: "xla" (`_mln_fwd`, `_mln_bwd`), "pallas" (the GPU kernels of
-    `fused_norm`, one pass over memory each way) or "pallas_interpret" (those kernels run by
-    Pallas's interpreter on any backend: slow, for checking them on a CPU). Undifferentiated
-    (sampling, evaluation) every impl is XLA's: there XLA fuses the layer norm with the
-    residual sums around it and never writes their result, which the kernel cannot match.
+    call, which dominates memory traffic in bf16 training. Opt-in GPU kernels for its training
+    path are in `dico_jax.models.kernels` (`kernels.layer_norm_fn`).
     """
-    if impl == "xla":
-        return _modulated_layer_norm(x, shift, scale)
-    return _kernel_layer_norm(x, shift, scale, _interpret(impl))
+    return _modulated_layer_norm(x, shift, scale)
 
 
-def modulated_layer_norm_and_skip(x: Array, shift: Array, scale: Array,
-                                  impl: str = "xla") -> tuple[Array, Array]:
-    """(modulated_layer_norm(x, shift, scale, impl), x) for a block's residual branch: with
-    the Pallas kernels, the gradient arriving along the returned x is added in the layer
-    norm's backward kernel, which saves a pass over the input gradient."""
-    if impl == "xla":
-        return modulated_layer_norm(x, shift, scale), x
-    with jax.named_scope("modulated_layer_norm"):
-        return _kernel_layer_norm_and_skip(x, shift, scale, _interpret(impl))
-
-
-def residual_layer_norm(x: Array, z: Array, bias: Array, gate: Array, shift: Array,
-                        scale: Array, impl: str = "xla") -> tuple[Array, Array]:
-    """The gated residual sum r = x + gate (z + bias) (in x's dtype; gate (N, C), bias (C,))
-    and its modulated layer norm: returns (modulated_layer_norm(r, shift, scale), r).
-
-    With the Pallas kernels the sum is formed inside the layer norm's forward kernel, and its
-    backward kernel takes the gradient arriving along the returned r, so one pass gives the
-    gradients of x, z, gate and bias with the layer norm's.
-    """
-    if impl == "xla":
-        r = checkpoint_name(residual_sum(x, z, bias, gate), "residual")
-        return modulated_layer_norm(r, shift, scale), r
-    with jax.named_scope("modulated_layer_norm"):
-        y, r = _kernel_residual_norm(x, z, bias, gate, shift, scale, _interpret(impl))
-    return y, checkpoint_name(r, "residual")
-
-
-def _interpret(impl: str) -> bool:
-    if impl not in NORM_IMPLS:
-        raise ValueError(f"norm impl must be one of {NORM_IMPLS}, got {impl!r}")
-    return impl == "pallas_interpret"
+def modulated_layer_norm_and_skip(x: Array, shift: Array, scale: Array) -> tuple[Array, Array]:
+    """(modulated_layer_norm(x, shift, scale), x): the layer norm of a block's residual stream
+    with the stream passed along, the form in which a kernel implementation can take the
+    stream's gradient into its backward pass (`kernels.layer_norm_fn(impl, skip=True)`)."""
+    return modulated_layer_norm(x, shift, scale), x
 
 
 def _ln_stats(x: Array) -> tuple[Array, Array, Array]:
@@ -238,7 +200,7 @@ def _mln_fwd(x: Array, shift: Array, scale: Array):
     # The barrier makes the backward pass read the per-pixel statistics instead of recomputing
     # them: XLA:GPU otherwise re-derives them inside each consumer, which keeps it from fusing
     # the modulation gradient's product into its reduction over pixels (an extra full-size
-    # fp32 tensor per layer norm, 17 GB per DiCo-XL step at batch 64).
+    # fp32 tensor per layer norm).
     mean, rstd = lax.optimization_barrier((mean, rstd))
     return y, (x, mean, rstd, scale, shift)
 
@@ -261,74 +223,6 @@ def _modulated_layer_norm(x: Array, shift: Array, scale: Array) -> Array:
 
 
 _modulated_layer_norm.defvjp(_mln_fwd, _mln_bwd)
-
-
-# The kernel versions: XLA's primal, forward and backward rules by `fused_norm`.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _kernel_layer_norm(x, shift, scale, interpret):
-    return _mln_apply(x, shift, scale)[0]
-
-
-def _kln_fwd(x, shift, scale, interpret):
-    y, mean, rstd = fused_norm.forward(x, shift, scale, interpret=interpret)
-    return y, (x, mean, rstd, shift, scale)
-
-
-def _kln_bwd(interpret, res, dy):
-    return _klns_bwd(interpret, res, (dy, None))
-
-
-_kernel_layer_norm.defvjp(_kln_fwd, _kln_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _kernel_layer_norm_and_skip(x, shift, scale, interpret):
-    return _mln_apply(x, shift, scale)[0], x
-
-
-def _klns_fwd(x, shift, scale, interpret):
-    y, res = _kln_fwd(x, shift, scale, interpret)
-    return (y, x), res
-
-
-def _klns_bwd(interpret, res, grads):  # also `_kln_bwd`'s, with no skip gradient
-    x, mean, rstd, shift, scale = res
-    dy, dskip = grads
-    dx, d_shift, d_scale = fused_norm.backward(x, mean, rstd, scale, dy, dskip,
-                                               interpret=interpret)
-    return dx, d_shift.astype(shift.dtype), d_scale.astype(scale.dtype)
-
-
-_kernel_layer_norm_and_skip.defvjp(_klns_fwd, _klns_bwd)
-
-
-def residual_sum(x: Array, z: Array, bias: Array, gate: Array) -> Array:
-    """x + gate (z + bias) in x's dtype: gate (N, C), bias (C,)."""
-    dtype = x.dtype
-    return x + gate[:, None, None, :].astype(dtype) * (z + bias.astype(dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _kernel_residual_norm(x, z, bias, gate, shift, scale, interpret):
-    x = residual_sum(x, z, bias, gate)
-    return _mln_apply(x, shift, scale)[0], x
-
-
-def _krn_fwd(x, z, bias, gate, shift, scale, interpret):
-    y, x_new, mean, rstd = fused_norm.forward(x, shift, scale, (z, bias, gate), interpret)
-    return (y, x_new), (x_new, mean, rstd, z, bias, gate, shift, scale)
-
-
-def _krn_bwd(interpret, res, grads):
-    x_new, mean, rstd, z, bias, gate, shift, scale = res
-    dy, dskip = grads
-    dx, d_shift, d_scale, dz, d_bias, d_gate = fused_norm.backward(
-        x_new, mean, rstd, scale, dy, dskip, (z, bias, gate), interpret)
-    return (dx, dz, d_bias.astype(bias.dtype), d_gate.astype(gate.dtype),
-            d_shift.astype(shift.dtype), d_scale.astype(scale.dtype))
-
-
-_kernel_residual_norm.defvjp(_krn_fwd, _krn_bwd)
 
 
 @_scoped
@@ -405,17 +299,13 @@ LINEAR_OUTPUTS = ("conv1", "depthwise", "attention", "conv3", "residual", "conv4
 
 @_scoped
 def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
-               norm_impl: str = "xla", pending: tuple | None = None, defer: bool = False):
+               norm: Callable = modulated_layer_norm_and_skip) -> Array:
     """One DiCo block on x (N, H, W, D) conditioned on c (N, D); `p` holds one layer's params.
 
     adaLN (shift, scale, gate) x 2; conv branch 1x1 -> depthwise 3x3 -> GELU -> compact
-    channel attention -> 1x1; MLP branch 1x1 (D -> rD) -> GELU -> 1x1 (rD -> D).
-
-    With defer=True the block's last residual sum x + gate2 (conv5 + bias) is not formed:
-    it returns (x, (conv5, bias, gate2)), and the next block takes that as `pending` and
-    forms the sum inside its first layer norm's kernels (`residual_layer_norm`), which saves
-    a pass over memory each way with the Pallas layer norms. `residual_sum(x, *pending)`
-    completes it after the last block.
+    channel attention -> 1x1; MLP branch 1x1 (D -> rD) -> GELU -> 1x1 (rD -> D); each branch
+    added to x through its gate. `norm` is the layer norm in its skip form
+    (`modulated_layer_norm_and_skip`, or the one `kernels.layer_norm_fn` selects).
     """
     dtype = x.dtype
     mod = dense(jax.nn.silu(c), p["adaLN_modulation"]["kernel"], p["adaLN_modulation"]["bias"],
@@ -423,18 +313,15 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
 
     # The names mark what remat="linear" keeps for the backward pass (LINEAR_OUTPUTS).
-    if pending is None:
-        h, x = modulated_layer_norm_and_skip(x, shift1, scale1, norm_impl)
-    else:
-        h, x = residual_layer_norm(x, *pending, shift1, scale1, norm_impl)
+    h, x = norm(x, shift1, scale1)
     h = checkpoint_name(dense(h, p["conv1"]["kernel"], None, dtype), "conv1")
     h = checkpoint_name(depthwise3x3(h, p["conv2"]["kernel"], p["conv2"]["bias"], depthwise_impl,
                                      input_bias=p["conv1"]["bias"]), "depthwise")
     h = channel_attention(gelu(h), p["ca"]["kernel"], p["ca"]["bias"])
-    h = checkpoint_name(dense(h, p["conv3"]["kernel"], None, dtype), "conv3")
-    # x + gate1 (conv3 + its bias), named "residual", and the second layer norm of it.
-    m, x = residual_layer_norm(x, h, p["conv3"]["bias"], gate1, shift2, scale2, norm_impl)
+    h = checkpoint_name(dense(h, p["conv3"]["kernel"], p["conv3"]["bias"], dtype), "conv3")
+    x = checkpoint_name(x + gate1[:, None, None, :].astype(dtype) * h, "residual")
+
+    m, x = norm(x, shift2, scale2)
     m = checkpoint_name(dense(m, p["conv4"]["kernel"], p["conv4"]["bias"], dtype), "conv4")
-    m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], None, dtype), "conv5")
-    pending = (m, p["conv5"]["bias"], gate2)
-    return (x, pending) if defer else residual_sum(x, *pending)
+    m = checkpoint_name(dense(gelu(m), p["conv5"]["kernel"], p["conv5"]["bias"], dtype), "conv5")
+    return x + gate2[:, None, None, :].astype(dtype) * m
