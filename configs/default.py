@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.checkpoint_every_steps = 50_000
     config.keep_checkpoints = 3
+    # Checkpoints at multiples of this many steps are never deleted (0: none): the points of
+    # a scaling curve, evaluated during the run or afterwards.
+    config.keep_every_steps = 50_000
     # A grid of samples every this many steps (pixel-space data only); 0 disables.
     config.sample_every_steps = 0
     # Also write a grid after the last step (pixel-space data only).

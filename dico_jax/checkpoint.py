@@ -62,11 +62,15 @@ def _grain_args():
 class TrainCheckpointer:
     """An `ocp.CheckpointManager` for the items of a training run."""
 
-    def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int, keep_every: int = 0,
+                 async_save: bool = True):
+        """Keeps the newest `keep` steps and, forever, every step divisible by `keep_every`
+        (0: none), the checkpoints a scaling curve is evaluated at."""
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
+            keep_period=keep_every or None,
             create=True,
             # Leftovers of a save interrupted by a kill are never read; remove them.
             cleanup_tmp_directories=True,

@@ -277,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         data_dir, global_batch_size=config.global_batch_size, seed=config.seed,
         random_flip=config.data.random_flip, worker_count=config.data.worker_count)
     checkpointer = ckpt_lib.TrainCheckpointer(
-        ckpt_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints)
+        ckpt_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints,
+        keep_every=config.keep_every_steps)
     latest = checkpointer.latest_step()
     if latest is None:
         state = init()
