@@ -15,26 +15,34 @@ SCALES = tuple(name.removeprefix("DiCo-") for name in MODEL_NAMES)
 RESOLUTIONS = (256, 512)
 
 
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
     """A config argument such as "XL,res=512" as a dict over `defaults`' keys.
 
-    A bare word sets the first key; `key=value` sets that key, converted to the type of its
-    default. Unknown keys and unconvertible values name the argument.
+    A bare word names a boolean key (which it sets) or else sets the first key; `key=value`
+    sets that key, converted to the type of its default. Unknown keys and unconvertible values
+    name the argument.
     """
     values = dict(defaults)
     first = next(iter(defaults))
     for part in filter(None, (p.strip() for p in (arg or "").split(","))):
         key, eq, text = part.partition("=")
+        if not eq and isinstance(defaults.get(part), bool):
+            values[part] = True
+            continue
         if not eq:
             key, text = first, part
         if key not in defaults:
             raise ValueError(f"unknown config arg {key!r} in {arg!r}; valid: {', '.join(defaults)}")
         kind = type(defaults[key])
         try:
-            values[key] = kind(text)
-        except ValueError:
+            values[key] = _BOOLS[text.lower()] if kind is bool else kind(text)
+        except (ValueError, KeyError):
             raise ValueError(f"config arg {key}={text!r} in {arg!r} is not "
-                             f"{'an' if kind is int else 'a'} {kind.__name__}") from None
+                             f"{_KIND_NAMES.get(kind, kind.__name__)}") from None
     return values
 
 

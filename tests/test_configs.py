@@ -44,6 +44,21 @@ def test_dico_official_recipe():
     assert dict(c.mesh) == {"data": -1, "fsdp": 1}
 
 
+def test_per_scale_recipes():
+    h = parse(f"--config={DICO}:H")
+    assert (h.adam_b1, h.adam_b2, h.learning_rate, h.warmup_steps) == (0.99, 0.99, 2e-4, 5_000)
+    assert (h.global_batch_size, h.num_train_steps, h.dtype) == (1024, 1_000_000, "float32")
+    for scale in ("S", "B", "L", "XL"):
+        c = parse(f"--config={DICO}:{scale}")
+        assert (c.global_batch_size, c.num_train_steps, c.learning_rate) == (256, 400_000, 1e-4)
+        assert c.data.random_flip and c.dtype == "float32"
+    long256, long512 = parse(f"--config={DICO}:XL,long"), parse(f"--config={DICO}:XL,res=512,long")
+    assert (long256.num_train_steps, long512.num_train_steps) == (3_750_000, 3_000_000)
+    assert long256.sampling.cfg_scale == 1.4 and long512.resolution == 512
+    with pytest.raises(Exception, match="long runs"):
+        parse(f"--config={DICO}:S,long")
+
+
 @pytest.mark.parametrize("arg, message", [
     ("XXL", "unknown scale"),
     ("XL,res=384", "unsupported res"),
