@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from dico_jax import checkpoint as ckpt_lib
-from dico_jax import sample as sample_lib
+from dico_jax import sampling as sample_lib
+from dico_jax.diffusion import resolve_sampler
 from dico_jax.models import abstract_params, get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,15 +160,15 @@ def test_labels_given_are_cycled_and_random_labels_are_per_batch():
 
 
 def test_sampler_options():
-    defaults = {"sampler": "ddpm", "respacing": "250"}
-    assert sample_lib.resolve_sampler(None, None, defaults) == ("ddpm", "250")
-    assert sample_lib.resolve_sampler("ddim50", None, defaults) == ("ddim", "ddim50")
-    assert sample_lib.resolve_sampler("ddim", "25", defaults) == ("ddim", "ddim25")
-    assert sample_lib.resolve_sampler(None, "100", defaults) == ("ddpm", "100")
+    assert resolve_sampler("ddpm") == ("ddpm", "250")
+    assert resolve_sampler("ddim50") == ("ddim", "ddim50")
+    assert resolve_sampler("ddim50", "50") == ("ddim", "ddim50")
+    assert resolve_sampler("ddim", "25") == ("ddim", "ddim25")
+    assert resolve_sampler("ddpm", "100") == ("ddpm", "100")
     with pytest.raises(ValueError, match="conflicts"):
-        sample_lib.resolve_sampler("ddim50", "100", defaults)
+        resolve_sampler("ddim50", "100")
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        sample_lib.resolve_sampler("euler", None, defaults)
+        resolve_sampler("euler")
 
 
 def test_bad_input_errors(workdir, tmp_path):
@@ -177,14 +178,14 @@ def test_bad_input_errors(workdir, tmp_path):
         sample_lib.load_source(checkpoint=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 3 .* found \\[7\\]"):
         sample_lib.load_source(workdir=workdir, step=3)
-    with pytest.raises(ValueError, match=r"--labels \[10\] out of range: the model has 10 classes"):
+    with pytest.raises(ValueError, match=r"sampling.labels \[10\] out of range: the model has 10 classes"):
         sample_lib.parse_labels("1,10", 10)
     source = sample_lib.load_source(workdir=workdir)
-    with pytest.raises(ValueError, match="--batch-size 12 must be a positive multiple of the 8"):
+    with pytest.raises(ValueError, match="sampling.batch_size 12 must be a positive multiple of the 8"):
         sample_lib.generate(source, settings(batch_size=12), str(tmp_path / "x.npz"))
     # The same weights under an ImageNet-latent config: the VAE is needed.
     source.config = {**source.config, "data": {"dir": "", "builtin": ""}, "resolution": 64}
-    with pytest.raises(ValueError, match="VAE latents .*--vae-weights"):
+    with pytest.raises(ValueError, match="VAE latents .*--vae_weights"):
         sample_lib.generate(source, settings(), str(tmp_path / "x.npz"))
 
 
@@ -192,7 +193,8 @@ def test_command_line_uses_config_defaults(workdir, tmp_path):
     out = tmp_path / "cli.npz"
     done = subprocess.run(
         [sys.executable, "-m", "dico_jax.sample", f"--workdir={workdir}", f"--out={out}",
-         "--labels=2,7", "--batch-size=8", "--num-samples=10"],
+         "--config.sampling.labels=2,7", "--config.sampling.batch_size=8",
+         "--config.sampling.num_samples=10"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Sampler, respacing and CFG come from the saved config (ddim, "5", 3.0).
@@ -256,7 +258,7 @@ def test_samples_a_converted_checkpoint_through_the_vae(tiny_vae_dir, tmp_path):
 
     source = sample_lib.load_source(checkpoint=ckpt)
     assert source.step == 50 and source.config["model"]["in_channels"] == 4
-    with pytest.raises(ValueError, match="--vae-weights"):
+    with pytest.raises(ValueError, match="--vae_weights"):
         sample_lib.generate(source, settings(num_samples=8, guidance_channels=3),
                             str(tmp_path / "x.npz"))
     out = str(tmp_path / "samples.npz")
