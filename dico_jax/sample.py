@@ -13,7 +13,6 @@ the parts are removed once OUT is written (`dico_jax.sampling.run`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
 
 import jax
 from absl import app, flags
@@ -21,7 +20,6 @@ from ml_collections import config_flags
 
 from configs import default as default_config
 from dico_jax import runtime, sampling
-from dico_jax.diffusion import SAMPLERS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint and config).")
@@ -40,31 +38,6 @@ config_flags.DEFINE_config_dict("config", default_config.get_config(), lock_conf
 flags.mark_flags_as_required(["out"])
 flags.mark_flags_as_mutual_exclusive(["workdir", "checkpoint"], required=True)
 
-# What may be overridden: the sampling settings, not the network the checkpoint holds.
-_OVERRIDABLE = ("sampling.", "seed", "dtype")
-
-
-def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
-    """The saved `config` with the flattened `overrides` ({"sampling.cfg_scale": 2.0, ...}).
-
-    A "ddimN" sampler given without a respacing brings its own steps, not the saved respacing.
-    """
-    config = {**config, "sampling": dict(config.get("sampling") or {})}
-    for path, value in overrides.items():
-        if not (path.startswith(_OVERRIDABLE[0]) or path in _OVERRIDABLE[1:]):
-            raise ValueError(f"--config.{path}: only --config.sampling.*, --config.seed and "
-                             "--config.dtype apply to sampling; the network is the checkpoint's")
-        if isinstance(value, tuple):
-            value = list(value)
-        if path.startswith("sampling."):
-            config["sampling"][path.split(".", 1)[1]] = value
-        else:
-            config[path] = value
-    sampler = overrides.get("sampling.sampler")
-    if sampler is not None and sampler not in SAMPLERS and "sampling.respacing" not in overrides:
-        config["sampling"]["respacing"] = None
-    return config
-
 
 def main(argv):
     if len(argv) > 1:
@@ -73,7 +46,7 @@ def main(argv):
     try:
         source = sampling.load_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                       step=FLAGS.step, use_ema=FLAGS.use_ema)
-        source.config = apply_overrides(source.config, FLAGS["config"].override_values)
+        source.config = sampling.apply_overrides(source.config, FLAGS["config"].override_values)
         settings = sampling.Settings.from_config(source.config, jax.device_count())
         report = sampling.generate(source, settings, FLAGS.out, vae_weights=FLAGS.vae_weights,
                                    grid=FLAGS.grid, max_batches=FLAGS.max_batches)

@@ -204,6 +204,23 @@ def test_command_line_uses_config_defaults(workdir, tmp_path):
         np.testing.assert_array_equal(f["label"], [2, 7] * 5)
 
 
+def test_command_line_overrides_apply_to_the_saved_config():
+    saved = tiny_digits_config().to_dict()  # ddim, respacing "5", cfg 3.0
+    config = sample_lib.apply_overrides(saved, {"sampling.cfg_scale": 1.5, "seed": 3})
+    s = sample_lib.Settings.from_config(config, num_devices=8)
+    assert (s.sampler, s.respacing, s.cfg_scale, s.seed) == ("ddim", "ddim5", 1.5, 3)
+    assert s.batch_size == 24 and s.labels is None  # 20 samples on 8 devices, random labels
+    assert saved["sampling"]["cfg_scale"] == 3.0  # the saved config itself is left alone
+    # A ddimN sampler brings its steps; given together with another respacing, it conflicts.
+    s = sample_lib.Settings.from_config(sample_lib.apply_overrides(saved, {"sampling.sampler": "ddim50"}))
+    assert (s.sampler, s.respacing) == ("ddim", "ddim50")
+    with pytest.raises(ValueError, match="conflicts"):
+        sample_lib.Settings.from_config(sample_lib.apply_overrides(
+            saved, {"sampling.sampler": "ddim50", "sampling.respacing": "100"}))
+    with pytest.raises(ValueError, match="the network is the checkpoint's"):
+        sample_lib.apply_overrides(saved, {"model.hidden_size": 64})
+
+
 # ---------------------------------------------------------------------------------------------
 # Latent-space runs: an official-format checkpoint converted, decoded by a (tiny) diffusers VAE.
 

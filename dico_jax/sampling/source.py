@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from dico_jax import checkpoint as ckpt_lib
 from dico_jax.data import spec as data_spec
+from dico_jax.diffusion import SAMPLERS
 
 
 def image_space(config: Mapping[str, Any], workdir: str | None = None) -> data_spec.DataSpec:
@@ -69,3 +70,29 @@ def load_source(*, workdir: str | None = None, checkpoint: str | None = None,
     except Exception as err:  # noqa: BLE001 - Orbax raises several types for a missing item
         raise FileNotFoundError(f"checkpoint {directory}/{step} has no readable config: {err}") from err
     return Source(directory, step, state[weights], config, weights, workdir)
+
+
+# What may be overridden: the sampling settings, not the network the checkpoint holds.
+_OVERRIDABLE = ("sampling.", "seed", "dtype")
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """The saved `config` with the flattened `overrides` ({"sampling.cfg_scale": 2.0, ...}).
+
+    A "ddimN" sampler given without a respacing brings its own steps, not the saved respacing.
+    """
+    config = {**config, "sampling": dict(config.get("sampling") or {})}
+    for path, value in overrides.items():
+        if not (path.startswith(_OVERRIDABLE[0]) or path in _OVERRIDABLE[1:]):
+            raise ValueError(f"--config.{path}: only --config.sampling.*, --config.seed and "
+                             "--config.dtype apply to sampling; the network is the checkpoint's")
+        if isinstance(value, tuple):
+            value = list(value)
+        if path.startswith("sampling."):
+            config["sampling"][path.split(".", 1)[1]] = value
+        else:
+            config[path] = value
+    sampler = overrides.get("sampling.sampler")
+    if sampler is not None and sampler not in SAMPLERS and "sampling.respacing" not in overrides:
+        config["sampling"]["respacing"] = None
+    return config
