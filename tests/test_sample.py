@@ -221,6 +221,26 @@ def test_command_line_overrides_apply_to_the_saved_config():
         sample_lib.apply_overrides(saved, {"model.hidden_size": 64})
 
 
+def test_training_grid_rows_are_classes_drawn_by_the_same_sampler():
+    config = tiny_digits_config()
+    config.sampling.grid_classes, config.sampling.grid_per_class = 3, 2
+    model = get_model("DiCo-S", **TINY)
+    params = random_params(model, 2)
+    mesh = jax.make_mesh((8,), ("data",))
+    sampler, shape = sample_lib.make_grid_sampler(model, config, (8, 8, 1), mesh)
+    key = jax.random.fold_in(jax.random.key(config.seed), 0x5A3F1E)
+    images = sampler(params, key)
+    assert shape == (3, 2) and images.shape == (6, 8, 8, 1)
+    assert images.sharding.is_fully_replicated
+    # The .npz sampler's draw for the same labels and key: one sampler behind both.
+    draw = sample_lib.make_sample_fn(model, sample_lib.Settings.from_config(config), (8, 8, 1),
+                                     config=config)
+    same = jax.jit(draw)(params, np.repeat(np.arange(3, dtype=np.int32), 2), key)
+    np.testing.assert_allclose(np.asarray(images), np.asarray(same), atol=1e-5)
+    grid = sample_lib.image_grid(sample_lib.to_uint8(np.asarray(images)), rows=shape[0])
+    assert grid.shape == (3 * 33 + 1, 2 * 33 + 1, 1) and grid.dtype == np.uint8
+
+
 # ---------------------------------------------------------------------------------------------
 # Latent-space runs: an official-format checkpoint converted, decoded by a (tiny) diffusers VAE.
 

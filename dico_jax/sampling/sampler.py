@@ -44,8 +44,8 @@ class Settings:
         num_samples = int(s.get("num_samples", 50_000))
         sampler, respacing = resolve_sampler(s.get("sampler", "ddpm"), s.get("respacing"))
         guidance = s.get("guidance_channels", 3)
-        labels = s.get("labels", "")  # read only when set: a training config may not yet
-        if labels:  # know its number of classes
+        labels = s.get("labels", "")
+        if labels:  # checked only when given: a training config may not know its classes yet
             labels = parse_labels(labels, int(config["model"]["num_classes"]))
         return cls(
             num_samples=num_samples,
