@@ -128,11 +128,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Sampling: the FID protocol (250 ancestral steps, EMA weights, CFG on 3 eps channels);
     # the training-time grids use the same settings with `grid_per_class` images per class.
     config.sampling = ml_collections.ConfigDict()
-    config.sampling.sampler = "ddpm"  # "ddpm" or "ddim"
+    config.sampling.sampler = "ddpm"  # a name in dico_jax.diffusion.SAMPLERS, or "ddimN"
     config.sampling.respacing = "250"
     config.sampling.cfg_scale = 1.5
     config.sampling.guidance_channels = 3
     config.sampling.num_samples = 50_000
+    # Global batch of `python -m dico_jax.sample`, a multiple of the device count (0: 32 per
+    # device), and its labels: "" for uniform random classes, or a comma list ("1,2,3") cycled.
+    config.sampling.batch_size = 0
+    config.sampling.labels = ""
     config.sampling.grid_classes = 10
     config.sampling.grid_per_class = 8
 

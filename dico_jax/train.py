@@ -224,7 +224,7 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str, extra: Map
 
 
 def write_sample_grid(sampler, grid_shape, params, config, workdir: str, step: int) -> str:
-    from dico_jax import sampling_grid
+    from dico_jax.sampling import grid as sampling_grid
 
     key = jax.random.fold_in(jax.random.key(config.seed), 0x5A3F1E)  # fixed noise across grids
     images = np.asarray(jax.device_get(sampler(params, key)))
@@ -303,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     sampler = grid_shape = None
     if manifest.pixels and (config.sample_every_steps or config.sample_at_end):
-        from dico_jax import sampling_grid
+        from dico_jax.sampling import grid as sampling_grid
 
         sampler, grid_shape = sampling_grid.make_grid_sampler(model, config, latent_shape, mesh)
     elif config.sample_every_steps or config.sample_at_end:

@@ -194,7 +194,7 @@ def test_data_spec_from_the_manifest_or_the_config(tmp_path):
     from configs import default as default_config
     from dico_jax.data import spec
     from dico_jax.models.vae import SD_VAE_SCALING_FACTOR
-    from dico_jax.sample import image_space
+    from dico_jax.sampling import image_space
 
     config = default_config.get_config()
     config.data.builtin, config.data.dir = "digits", ""

@@ -321,16 +321,9 @@ def test_samplers_recover_x_start_with_oracle_model():
     noise = jax.random.normal(jax.random.key(7), x_start.shape)
     model_fn = oracle_model(x_start)
     ancestral = create_diffusion("50")
-    record_at = (0, 25, 49)
-    sample, hist = jax.jit(lambda z, k: ancestral.p_sample_loop(
-        model_fn, z, k, record_at=record_at))(noise, jax.random.key(8))
+    sample = jax.jit(lambda z, k: ancestral.p_sample_loop(model_fn, z, k))(
+        noise, jax.random.key(8))
     np.testing.assert_allclose(np.asarray(sample), np.asarray(x_start), atol=2e-3)
-    assert hist["x"].shape == hist["pred_xstart"].shape == (3, *x_start.shape)
-    np.testing.assert_allclose(np.asarray(hist["pred_xstart"]),
-                               np.broadcast_to(x_start, (3, *x_start.shape)), atol=2e-3)
-    np.testing.assert_array_equal(np.asarray(hist["x"][-1]), np.asarray(sample))
-    # After one step from pure noise the state is still mostly noise.
-    assert np.abs(np.asarray(hist["x"][0] - x_start)).mean() > 0.5
 
     ddim = create_diffusion("ddim50")
     for eta in (0.0, 1.0):
@@ -349,11 +342,13 @@ def test_sampler_noise_follows_model_variance_channels():
 
     def with_var(v):
         base = oracle_model(x_start)
-        return lambda x, t: base(x, t).at[..., 1:].set(v)
+        # At t = 0 (no noise added) eps = 0 makes the step return x_1 / sqrt(abar_0): the
+        # state after t = 1, the last step that adds noise, comes out of the sampler.
+        return lambda x, t: jnp.where((t == 0)[:, None, None, None], 0.0,
+                                      base(x, t)).at[..., 1:].set(v)
 
-    # Iteration 18 of 20 is t = 1, the last step that adds noise (t = 0 adds none).
-    run = jax.jit(lambda v: d.p_sample_loop(with_var(v), noise, jax.random.key(11),
-                                            record_at=(18,))[1]["x"][0])
+    run = jax.jit(lambda v: np.sqrt(ref.abar[0]) * d.p_sample_loop(
+        with_var(v), noise, jax.random.key(11)))
     c2 = np.sqrt(ref.alpha) * (1 - ref.abar_prev) / (1 - ref.abar)
     for v, log_var in ((-1.0, ref.post_logvar), (1.0, np.log(ref.beta))):
         var = 1.0
@@ -473,6 +468,3 @@ def test_wrong_model_channels_name_expected_shape():
         d.training_losses(lambda x, t: x, x0, jnp.array([1, 2]), x0)
     with pytest.raises(ValueError, match=r"expected \(2, 4, 4, 6\)"):
         d.p_sample_loop(lambda x, t: x, x0, jax.random.key(0))
-    with pytest.raises(ValueError, match="record_at entry 10"):
-        d.p_sample_loop(lambda x, t: jnp.concatenate([x, x], -1), x0, jax.random.key(0),
-                        record_at=(10,))

@@ -7,6 +7,7 @@ import pytest
 from scipy import linalg
 
 from dico_jax import evaluate
+from dico_jax.evaluation import files as eval_files
 from dico_jax.data.digits import digits_arrays
 from dico_jax.evaluation import digits_features, inception, metrics
 from dico_jax.evaluation import features as feature_io
@@ -354,7 +355,7 @@ def test_converted_inception_matches_pytorch_fid_layout(torch_inception):
     _, path, (images, expected), _ = torch_inception
     variables = inception.load_pytorch_fid_weights(path)
     actual = feature_io.extract_features(
-        evaluate._inception_apply, variables, iter([images]), 8, feature_io.device_mesh()
+        eval_files.inception_apply, variables, iter([images]), 8, feature_io.device_mesh()
     )
     assert actual["pool"].shape == (6, 2048)
     assert actual["spatial"].shape == (6, 2023)

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from dico_jax import checkpoint as ckpt_lib
-from dico_jax import sample as sample_lib
+from dico_jax import sampling as sample_lib
+from dico_jax.diffusion import resolve_sampler
 from dico_jax.models import abstract_params, get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,15 +160,15 @@ def test_labels_given_are_cycled_and_random_labels_are_per_batch():
 
 
 def test_sampler_options():
-    defaults = {"sampler": "ddpm", "respacing": "250"}
-    assert sample_lib.resolve_sampler(None, None, defaults) == ("ddpm", "250")
-    assert sample_lib.resolve_sampler("ddim50", None, defaults) == ("ddim", "ddim50")
-    assert sample_lib.resolve_sampler("ddim", "25", defaults) == ("ddim", "ddim25")
-    assert sample_lib.resolve_sampler(None, "100", defaults) == ("ddpm", "100")
+    assert resolve_sampler("ddpm") == ("ddpm", "250")
+    assert resolve_sampler("ddim50") == ("ddim", "ddim50")
+    assert resolve_sampler("ddim50", "50") == ("ddim", "ddim50")
+    assert resolve_sampler("ddim", "25") == ("ddim", "ddim25")
+    assert resolve_sampler("ddpm", "100") == ("ddpm", "100")
     with pytest.raises(ValueError, match="conflicts"):
-        sample_lib.resolve_sampler("ddim50", "100", defaults)
+        resolve_sampler("ddim50", "100")
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        sample_lib.resolve_sampler("euler", None, defaults)
+        resolve_sampler("euler")
 
 
 def test_bad_input_errors(workdir, tmp_path):
@@ -177,14 +178,14 @@ def test_bad_input_errors(workdir, tmp_path):
         sample_lib.load_source(checkpoint=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 3 .* found \\[7\\]"):
         sample_lib.load_source(workdir=workdir, step=3)
-    with pytest.raises(ValueError, match=r"--labels \[10\] out of range: the model has 10 classes"):
+    with pytest.raises(ValueError, match=r"sampling.labels \[10\] out of range: the model has 10 classes"):
         sample_lib.parse_labels("1,10", 10)
     source = sample_lib.load_source(workdir=workdir)
-    with pytest.raises(ValueError, match="--batch-size 12 must be a positive multiple of the 8"):
+    with pytest.raises(ValueError, match="sampling.batch_size 12 must be a positive multiple of the 8"):
         sample_lib.generate(source, settings(batch_size=12), str(tmp_path / "x.npz"))
     # The same weights under an ImageNet-latent config: the VAE is needed.
     source.config = {**source.config, "data": {"dir": "", "builtin": ""}, "resolution": 64}
-    with pytest.raises(ValueError, match="VAE latents .*--vae-weights"):
+    with pytest.raises(ValueError, match="VAE latents .*--vae_weights"):
         sample_lib.generate(source, settings(), str(tmp_path / "x.npz"))
 
 
@@ -192,7 +193,8 @@ def test_command_line_uses_config_defaults(workdir, tmp_path):
     out = tmp_path / "cli.npz"
     done = subprocess.run(
         [sys.executable, "-m", "dico_jax.sample", f"--workdir={workdir}", f"--out={out}",
-         "--labels=2,7", "--batch-size=8", "--num-samples=10"],
+         "--config.sampling.labels=2,7", "--config.sampling.batch_size=8",
+         "--config.sampling.num_samples=10"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Sampler, respacing and CFG come from the saved config (ddim, "5", 3.0).
@@ -200,6 +202,43 @@ def test_command_line_uses_config_defaults(workdir, tmp_path):
     with np.load(out) as f:
         assert f["arr_0"].shape == (10, 8, 8, 1) and f["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(f["label"], [2, 7] * 5)
+
+
+def test_command_line_overrides_apply_to_the_saved_config():
+    saved = tiny_digits_config().to_dict()  # ddim, respacing "5", cfg 3.0
+    config = sample_lib.apply_overrides(saved, {"sampling.cfg_scale": 1.5, "seed": 3})
+    s = sample_lib.Settings.from_config(config, num_devices=8)
+    assert (s.sampler, s.respacing, s.cfg_scale, s.seed) == ("ddim", "ddim5", 1.5, 3)
+    assert s.batch_size == 24 and s.labels is None  # 20 samples on 8 devices, random labels
+    assert saved["sampling"]["cfg_scale"] == 3.0  # the saved config itself is left alone
+    # A ddimN sampler brings its steps; given together with another respacing, it conflicts.
+    s = sample_lib.Settings.from_config(sample_lib.apply_overrides(saved, {"sampling.sampler": "ddim50"}))
+    assert (s.sampler, s.respacing) == ("ddim", "ddim50")
+    with pytest.raises(ValueError, match="conflicts"):
+        sample_lib.Settings.from_config(sample_lib.apply_overrides(
+            saved, {"sampling.sampler": "ddim50", "sampling.respacing": "100"}))
+    with pytest.raises(ValueError, match="the network is the checkpoint's"):
+        sample_lib.apply_overrides(saved, {"model.hidden_size": 64})
+
+
+def test_training_grid_rows_are_classes_drawn_by_the_same_sampler():
+    config = tiny_digits_config()
+    config.sampling.grid_classes, config.sampling.grid_per_class = 3, 2
+    model = get_model("DiCo-S", **TINY)
+    params = random_params(model, 2)
+    mesh = jax.make_mesh((8,), ("data",))
+    sampler, shape = sample_lib.make_grid_sampler(model, config, (8, 8, 1), mesh)
+    key = jax.random.fold_in(jax.random.key(config.seed), 0x5A3F1E)
+    images = sampler(params, key)
+    assert shape == (3, 2) and images.shape == (6, 8, 8, 1)
+    assert images.sharding.is_fully_replicated
+    # The .npz sampler's draw for the same labels and key: one sampler behind both.
+    draw = sample_lib.make_sample_fn(model, sample_lib.Settings.from_config(config), (8, 8, 1),
+                                     config=config)
+    same = jax.jit(draw)(params, np.repeat(np.arange(3, dtype=np.int32), 2), key)
+    np.testing.assert_allclose(np.asarray(images), np.asarray(same), atol=1e-5)
+    grid = sample_lib.image_grid(sample_lib.to_uint8(np.asarray(images)), rows=shape[0])
+    assert grid.shape == (3 * 33 + 1, 2 * 33 + 1, 1) and grid.dtype == np.uint8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +295,7 @@ def test_samples_a_converted_checkpoint_through_the_vae(tiny_vae_dir, tmp_path):
 
     source = sample_lib.load_source(checkpoint=ckpt)
     assert source.step == 50 and source.config["model"]["in_channels"] == 4
-    with pytest.raises(ValueError, match="--vae-weights"):
+    with pytest.raises(ValueError, match="--vae_weights"):
         sample_lib.generate(source, settings(num_samples=8, guidance_channels=3),
                             str(tmp_path / "x.npz"))
     out = str(tmp_path / "samples.npz")

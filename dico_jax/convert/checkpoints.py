@@ -17,6 +17,7 @@ import numpy as np
 
 from dico_jax.convert.dico import (LEVELS, read_torch_file, select_state_dict, torch_to_flax,
                                    flax_to_torch, _strip_module_prefix)
+from dico_jax import builders
 from dico_jax.checkpoint import resolve_checkpoint_path
 from dico_jax.errors import UserError
 from dico_jax.models import MODEL_CONFIGS, MODEL_NAMES
@@ -26,20 +27,6 @@ MODEL_FIELDS = ("hidden_size", "depths", "mlp_ratio", "in_channels", "out_channe
                 "num_classes", "class_dropout_prob")
 _ARCH_FIELDS = ("hidden_size", "depths", "mlp_ratio")
 _STEP_FILE = re.compile(r"^(\d+)\.(pt|pth|safetensors)$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Locating checkpoints and reading their configs.
-
-
-def model_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """`get_model` overrides from a saved config dict (shape fields; no dtype/remat)."""
-    fields = {k: v for k, v in config["model"].items()
-              if k in MODEL_FIELDS and v is not None}
-    if "depths" in fields:
-        fields["depths"] = tuple(int(d) for d in fields["depths"])
-    fields["learn_sigma"] = bool(config.get("diffusion", {}).get("learn_sigma", True))
-    return fields
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +276,9 @@ def export_torch_checkpoint(checkpoint: str, out: str, *, step: int | None = Non
         check_finite_weights(state, f"{directory}/{step}")
     config = ckpt_lib.read_config(directory, step)
     model_name = config["model"]["name"]
-    kwargs = model_kwargs(config)
+    # The network's fields as training builds it; dtype, remat and the kernel choices do not
+    # change the parameter shapes the export checks.
+    kwargs = builders.model_fields(config)
     with warnings.catch_warnings():
         # The restored arrays are read-only; the tensors sharing them are only saved, never written.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -8,8 +8,8 @@ flip. ``--storage sample`` (default, the official recipe) stores a posterior sam
 scale factor; ``--storage moments`` stores mean and log-variance so training draws a fresh
 sample each time it reads the record.
 
-Under JAX multi-host (``--distributed``) process p encodes shards p, p + P, p + 2P, ... over its
-local devices; ``--out`` must be a directory every host sees. Each finished shard is renamed
+On a multi-host runtime (joined at start-up by ``dico_jax.runtime``) process p encodes shards
+p, p + P, p + 2P, ... over its local devices; ``--out`` must be a directory every host sees. Each finished shard is renamed
 into place and marked with a ``.done.json`` file, so a rerun skips it. Process 0 checks all
 shards and the total count, then writes ``manifest.json``.
 """
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dico_jax import runtime
 from dico_jax.data import imagenet, records
 
 SD_VAE_SCALE_FACTOR = 0.18215
@@ -315,14 +316,12 @@ def extract_latents(
 
 def sd_vae_encoder(weights_path: str, compute_dtype: str = "float32") -> tuple[EncodeFn, Any]:
     """(encode_fn, params) of the Stable Diffusion AutoencoderKL from local diffusers weights
-    (a .safetensors / .bin file or a model folder)."""
-    from dico_jax.convert import load_vae_weights, vae_torch_to_flax
-    from dico_jax.models.vae import AutoencoderKL
+    (a .safetensors / .bin file or a model folder), loaded as `dico_jax.sample` loads it."""
+    from dico_jax.sampling.vae import load_vae
 
-    params = vae_torch_to_flax(load_vae_weights(weights_path))
+    vae, params = load_vae(weights_path, compute_dtype)
     # Encoding never touches the decoder; leaving it out saves device memory.
     params = {k: v for k, v in params.items() if not k.startswith(("decoder", "post_quant_conv"))}
-    vae = AutoencoderKL(dtype=jnp.dtype(compute_dtype))
 
     def encode_fn(params, images):
         return vae.apply({"params": params}, images, method="encode")
@@ -349,15 +348,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-skipped", type=int, default=0, help="unreadable images to tolerate")
     parser.add_argument("--seed", type=int, default=0, help="posterior sampling seed")
     parser.add_argument("--decode-threads", type=int, default=None)
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.distributed:
-        jax.distributed.initialize()
+    runtime.start()  # joins the job's other processes when the runtime has any
     # Only process 0 prepares tfds; the others wait, then read the prepared files.
     if args.source.startswith("tfds:") and jax.process_count() > 1 and jax.process_index() != 0:
         from jax.experimental import multihost_utils

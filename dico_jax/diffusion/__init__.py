@@ -1,7 +1,8 @@
 """Diffusion for DiCo: Gaussian (DDPM) and flow-matching objectives, samplers and guidance."""
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +28,8 @@ __all__ = [
     "BETA_SCHEDULES",
     "FlowMatching",
     "GaussianDiffusion",
+    "SAMPLERS",
+    "Sampler",
     "create_diffusion",
     "ddim_sample_loop",
     "discretized_gaussian_log_likelihood",
@@ -39,6 +42,7 @@ __all__ = [
     "normal_kl",
     "p_sample_loop",
     "path_coefficients",
+    "resolve_sampler",
     "respaced_betas",
     "shift_time",
     "space_timesteps",
@@ -70,3 +74,44 @@ def create_diffusion(
     return GaussianDiffusion.from_betas(
         respaced_betas(alphas_cumprod, kept), np.asarray(kept), learn_sigma=learn_sigma
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How to run one sampler: `loop(diffusion, model_fn, noise, rng) -> x_0`, and the prefix
+    its respacing takes (DDIM strides the kept steps evenly: "ddim50")."""
+
+    loop: Callable
+    respacing_prefix: str = ""
+
+
+# Every sampler the sampling commands and the training grids accept, by name.
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": Sampler(p_sample_loop),
+    "ddim": Sampler(ddim_sample_loop, respacing_prefix="ddim"),
+}
+
+
+def resolve_sampler(sampler: str, respacing: str | int | None = None) -> tuple[str, str]:
+    """(name in SAMPLERS, respacing for `create_diffusion`) from a sampler setting ("ddpm",
+    "ddim" or "ddimN", the last fixing N steps) and a respacing ("250"; None: "250" or N).
+
+    A respacing that disagrees with the steps of "ddimN" is an error rather than a silent
+    choice of one of them.
+    """
+    name = str(sampler)
+    for key, entry in SAMPLERS.items():
+        prefix, steps = entry.respacing_prefix, name[len(entry.respacing_prefix):]
+        if prefix and name.startswith(prefix) and steps.isdigit():
+            if respacing is not None and str(respacing) not in (name, steps):
+                raise ValueError(f"sampler {name} fixes the steps; it conflicts with respacing "
+                                 f"{respacing}")
+            return key, name
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(sorted(SAMPLERS))}, "
+                         "or ddimN for N DDIM steps")
+    respacing = "250" if respacing is None else str(respacing)
+    prefix = SAMPLERS[name].respacing_prefix
+    if prefix and not respacing.startswith(prefix):
+        respacing = prefix + respacing
+    return name, respacing

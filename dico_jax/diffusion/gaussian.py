@@ -259,17 +259,15 @@ class GaussianDiffusion:
 
     # -- samplers (see sampling.py) --------------------------------------------------------
 
-    def p_sample_loop(self, model_fn: ModelFn, noise, rng, *, clip_denoised: bool = False,
-                      record_at=()):
+    def p_sample_loop(self, model_fn: ModelFn, noise, rng, *, clip_denoised: bool = False):
         """Ancestral sampling over all kept steps; see `sampling.p_sample_loop`."""
-        return sampling.p_sample_loop(self, model_fn, noise, rng, clip_denoised=clip_denoised,
-                                      record_at=record_at)
+        return sampling.p_sample_loop(self, model_fn, noise, rng, clip_denoised=clip_denoised)
 
     def ddim_sample_loop(self, model_fn: ModelFn, noise, rng, eta: float = 0.0, *,
-                         clip_denoised: bool = False, record_at=()):
+                         clip_denoised: bool = False):
         """DDIM sampling over all kept steps; see `sampling.ddim_sample_loop`."""
         return sampling.ddim_sample_loop(self, model_fn, noise, rng, eta=eta,
-                                         clip_denoised=clip_denoised, record_at=record_at)
+                                         clip_denoised=clip_denoised)
 
 
 def _gather(table, t, ndim: int):

@@ -1,7 +1,9 @@
-"""Class-conditional sample grids during training: one row per class, written as a PNG."""
+"""Sample grids as PNG files: the class-conditional grids drawn during training (one row per
+class) and the preview of an `.npz` run."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -10,7 +12,9 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dico_jax.diffusion import create_diffusion, guided_model_fn
+from dico_jax.sampling.sampler import Settings, make_sample_fn, to_uint8
+
+__all__ = ["image_grid", "make_grid_sampler", "to_uint8", "write_grid", "write_png"]
 
 
 def make_grid_sampler(model: Any, config: Any, latent_shape: tuple[int, int, int],
@@ -24,35 +28,15 @@ def make_grid_sampler(model: Any, config: Any, latent_shape: tuple[int, int, int
     s = config.sampling
     classes = min(int(s.grid_classes), model.num_classes)
     per_class = int(s.grid_per_class)
-    if s.sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"config.sampling.sampler must be 'ddpm' or 'ddim', got {s.sampler!r}")
-    respacing = s.respacing
-    if s.sampler == "ddim" and not str(respacing).startswith("ddim"):
-        respacing = f"ddim{respacing}"
-    diffusion = create_diffusion(respacing, noise_schedule=config.diffusion.noise_schedule,
-                                 learn_sigma=config.diffusion.learn_sigma,
-                                 diffusion_steps=config.diffusion.steps)
+    settings = Settings.from_config(config)
     labels = jnp.repeat(jnp.arange(classes, dtype=jnp.int32), per_class)
-    cfg_scale = float(s.cfg_scale)
-    guidance_channels = min(int(s.guidance_channels), latent_shape[-1])
+    draw = make_sample_fn(model, settings, latent_shape, config=config)
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
     def sample(params, key):
-        noise_key, loop_key = jax.random.split(key)
-        noise = jax.random.normal(noise_key, (labels.shape[0], *latent_shape), jnp.float32)
-        apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)  # noqa: E731
-        model_fn = guided_model_fn(apply_fn, labels, cfg_scale, null_label=model.num_classes,
-                                   guidance_channels=guidance_channels)
-        if s.sampler == "ddim":
-            return diffusion.ddim_sample_loop(model_fn, noise, loop_key)
-        return diffusion.p_sample_loop(model_fn, noise, loop_key)
+        return draw(params, labels, key)
 
     return sample, (classes, per_class)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8 (127.5 x + 128, clipped, as the DiT sampling script)."""
-    return np.clip(np.asarray(images, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
 
 
 def image_grid(images: np.ndarray, rows: int, *, pad: int = 1, min_cell: int = 32) -> np.ndarray:
@@ -85,3 +69,12 @@ def write_png(grid: np.ndarray, path: str) -> None:
     with tmp.open("wb") as f:  # write then rename: a reader never sees half a file
         image.save(f, format="PNG")
     tmp.replace(path)
+
+
+def write_grid(images: np.ndarray, path: str, max_images: int = 100,
+               cols: int | None = None) -> None:
+    """A PNG grid of the first images, `cols` wide (default: near-square)."""
+    n = min(len(images), max_images)
+    cols = min(cols or math.ceil(math.sqrt(n)), n)
+    rows = max(1, n // cols)
+    write_png(image_grid(images[:rows * cols], rows=rows), path)

@@ -1,0 +1,207 @@
+"""The one sampler of the project: the settings of a sampling run and the jitted function
+that turns weights, labels and a key into images, for the `.npz` runs (`sampling.run`) and
+the training grids (`sampling.grid`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from dico_jax import builders
+from dico_jax.data import spec as data_spec
+from dico_jax.diffusion import SAMPLERS, guided_model_fn, resolve_sampler
+
+BATCH_AXIS = "batch"
+DEFAULT_PER_DEVICE_BATCH = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    num_samples: int
+    batch_size: int  # global, per step
+    seed: int
+    cfg_scale: float
+    guidance_channels: int | None  # None: every channel
+    sampler: str  # a name in diffusion.SAMPLERS
+    respacing: str
+    labels: tuple[int, ...] | None  # None: uniform random over the classes
+    dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], num_devices: int = 1) -> "Settings":
+        """The settings `config.sampling` (with `seed` and `dtype`) describes; a batch size of 0
+        is the default (`default_batch_size`)."""
+        s = config["sampling"]
+        num_samples = int(s.get("num_samples", 50_000))
+        sampler, respacing = resolve_sampler(s.get("sampler", "ddpm"), s.get("respacing"))
+        guidance = s.get("guidance_channels", 3)
+        labels = s.get("labels", "")
+        if labels:  # checked only when given: a training config may not know its classes yet
+            labels = parse_labels(labels, int(config["model"]["num_classes"]))
+        return cls(
+            num_samples=num_samples,
+            batch_size=int(s.get("batch_size", 0) or 0) or default_batch_size(num_samples,
+                                                                             num_devices),
+            seed=int(config.get("seed", 0)), cfg_scale=float(s.get("cfg_scale", 1.0)),
+            guidance_channels=None if guidance is None else int(guidance),
+            sampler=sampler, respacing=respacing,
+            labels=labels or None,
+            dtype=str(config.get("dtype", "float32")))
+
+    def record(self) -> dict:
+        """What decides the content of each batch (checked when resuming)."""
+        out = dataclasses.asdict(self)
+        del out["num_samples"]  # batch b is the same whatever the total
+        out["labels"] = list(self.labels) if self.labels is not None else "random"
+        return out
+
+
+def parse_labels(text: str | Sequence[int] | None, num_classes: int) -> tuple[int, ...] | None:
+    """A comma list (or sequence) of class ids in [0, num_classes), or None for random labels."""
+    if text is None or text == "" or text == "random":
+        return None
+    if isinstance(text, str):
+        try:
+            labels = tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(
+                f"sampling.labels {text!r}: expected a comma-separated list of class ids") from None
+    else:
+        labels = tuple(int(x) for x in text)
+    if not labels:
+        raise ValueError("sampling.labels is empty")
+    bad = [x for x in labels if not 0 <= x < num_classes]
+    if bad:
+        raise ValueError(f"sampling.labels {bad} out of range: the model has {num_classes} classes "
+                         f"(0..{num_classes - 1})")
+    return labels
+
+
+def batch_labels(settings: Settings, num_classes: int, batch_index: int) -> np.ndarray:
+    """Labels of global batch `batch_index`: random from (seed, batch), or the given list cycled."""
+    n = settings.batch_size
+    if settings.labels is None:
+        rng = np.random.default_rng([settings.seed, batch_index])
+        return rng.integers(0, num_classes, size=n).astype(np.int32)
+    given = np.asarray(settings.labels, np.int32)
+    return given[(batch_index * n + np.arange(n)) % len(given)]
+
+
+def default_batch_size(num_samples: int, num_devices: int) -> int:
+    """32 per device, but not (much) more than the samples asked for."""
+    wanted = min(DEFAULT_PER_DEVICE_BATCH * num_devices, num_samples)
+    return max(num_devices, -(-wanted // num_devices) * num_devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def sampling_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh over all devices (of all processes): the batch is split, weights replicated."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices)
+
+
+def sampling_model(config: Mapping[str, Any], dtype: str):
+    """The run's network for sampling, computing in `dtype`.
+
+    A run trained with the GPU-only Pallas norm kernels ("pallas") samples elsewhere with the
+    XLA norm: the same function of the same weights, so the checkpoint stays usable off a GPU.
+    """
+    from dico_jax.models.dico import check_norm_impl
+
+    overrides: dict[str, Any] = {"dtype": dtype, "remat": "none"}
+    try:
+        check_norm_impl(config["model"].get("norm_impl", "xla"), jax.default_backend())
+    except ValueError:
+        overrides["norm_impl"] = "xla"
+    return builders.build_model(config, **overrides)
+
+
+def to_uint8(images):
+    """[-1, 1] floats -> uint8: 127.5 x + 128 clipped to [0, 255] and truncated, as the
+    DiT/ADM sampling scripts do. Works on NumPy arrays (on the host) and jax arrays (in a
+    jitted function)."""
+    if not isinstance(images, jax.Array):
+        images = np.asarray(images, np.float32)
+    return (images * 127.5 + 128.0).clip(0.0, 255.0).astype(np.uint8)
+
+
+def to_uint8_images(x: jax.Array, vae: Any = None, vae_params: Any = None,
+                    scale_factor: float = 1.0) -> jax.Array:
+    """Samples -> uint8 pixels: VAE-decoded from latents / scale_factor when `vae` is given."""
+    if vae is not None:
+        x = vae.apply({"params": vae_params}, x / scale_factor, method=vae.decode)
+    return to_uint8(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler.
+
+
+def make_sample_fn(model: Any, settings: Settings, latent_shape: Sequence[int], *,
+                   config: Mapping[str, Any], noise_sharding: Any = None) -> Callable:
+    """`sample(params, labels, key) -> float samples (len(labels), *latent_shape)`, unjitted.
+
+    The noise comes from the first half of `key`, the sampler's own randomness from the
+    second. Classifier-free guidance at `settings.cfg_scale` on the first
+    `settings.guidance_channels` channels (all when None).
+    """
+    diffusion = builders.build_diffusion(config, settings.respacing)
+    loop = SAMPLERS[settings.sampler].loop
+    channels = int(latent_shape[-1])
+    guidance = (None if settings.guidance_channels is None
+                else min(settings.guidance_channels, channels))
+    cfg_scale = float(settings.cfg_scale)
+
+    def sample(params, labels, key):
+        noise_key, loop_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, (labels.shape[0], *latent_shape), jnp.float32)
+        if noise_sharding is not None:
+            noise = jax.lax.with_sharding_constraint(noise, noise_sharding)
+        apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)  # noqa: E731
+        model_fn = guided_model_fn(apply_fn, labels, cfg_scale, null_label=model.num_classes,
+                                   guidance_channels=guidance)
+        return loop(diffusion, model_fn, noise, loop_key)
+
+    return sample
+
+
+def batch_key(seed, batch_index) -> jax.Array:
+    """The key of global batch `batch_index` of a run with `seed`."""
+    return jax.random.fold_in(jax.random.key(seed), batch_index)
+
+
+def make_sampler(model: Any, settings: Settings, space: data_spec.DataSpec,
+                 mesh: jax.sharding.Mesh, *, config: Mapping[str, Any],
+                 vae: Any = None) -> Callable:
+    """`sample(params, vae_params, labels, seed, batch_index) -> uint8 (B, H, W, C)`, jitted.
+
+    Batch b is drawn with `batch_key(seed, b)`; the batch dim is split over `mesh`, weights
+    are replicated. The VAE (when `space.vae`) decodes latents / scale_factor inside the same
+    program.
+    """
+    if space.vae and vae is None:
+        raise ValueError("these are VAE latents: a VAE module is needed to decode them")
+    batch = NamedSharding(mesh, P(BATCH_AXIS))
+    replicated = NamedSharding(mesh, P())
+    draw = make_sample_fn(model, settings, space.latent_shape, config=config,
+                          noise_sharding=batch)
+
+    def sample(params, vae_params, labels, seed, batch_index):
+        x = draw(params, labels, batch_key(seed, batch_index))
+        return to_uint8_images(x, vae if space.vae else None, vae_params, space.scale_factor)
+
+    return jax.jit(sample, in_shardings=(replicated, replicated, batch, replicated, replicated),
+                   out_shardings=batch)

@@ -1,0 +1,98 @@
+"""What to sample from: a checkpoint's weights and saved config, and the space its network
+generates in."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from dico_jax import checkpoint as ckpt_lib
+from dico_jax.data import spec as data_spec
+from dico_jax.diffusion import SAMPLERS
+
+
+def image_space(config: Mapping[str, Any], workdir: str | None = None) -> data_spec.DataSpec:
+    """What the run's network generates: from its dataset manifest when that is readable,
+    else from the workdir's config.json (the latent shape training recorded), else from the
+    config alone (`dico_jax.data.spec`)."""
+    run_record = os.path.join(workdir, "config.json") if workdir else ""
+    if not data_spec.manifest_dir(config) and run_record and os.path.isfile(run_record):
+        with open(run_record) as f:
+            shape = json.load(f).get("latent_shape")
+        if shape:
+            from dico_jax.models.vae import SD_VAE_SCALING_FACTOR
+
+            # Training checks that the latents are 1/8 of the resolution (VAE) or equal (pixels).
+            vae = int(shape[0]) != int(config["resolution"])
+            return data_spec.DataSpec(tuple(int(d) for d in shape),
+                                      int(config["model"]["num_classes"]), vae,
+                                      SD_VAE_SCALING_FACTOR if vae else 1.0)
+    return data_spec.from_config(config)
+
+
+@dataclasses.dataclass
+class Source:
+    """Weights, config and provenance of the checkpoint to sample from."""
+
+    directory: str
+    step: int
+    params: Any  # numpy tree
+    config: dict
+    weights: str  # "ema_params" or "params"
+    workdir: str | None = None
+
+
+def load_source(*, workdir: str | None = None, checkpoint: str | None = None,
+                step: int | None = None, use_ema: bool = True) -> Source:
+    """Restores one weight set (EMA by default) to host memory, with the saved config."""
+    if (workdir is None) == (checkpoint is None):
+        raise ValueError("give exactly one of --workdir and --checkpoint")
+    if workdir is not None:
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"no training workdir {workdir}")
+        directory = ckpt_lib.checkpoint_dir(workdir)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{workdir} has no checkpoints/ folder: not a training workdir "
+                                    "or no checkpoint saved yet")
+    else:
+        directory, step = ckpt_lib.resolve_checkpoint_path(checkpoint, step)
+        if os.path.basename(directory) == "checkpoints":
+            workdir = os.path.dirname(directory)
+    weights = "ema_params" if use_ema else "params"
+    try:
+        state, step = ckpt_lib.restore_to_host(directory, step, items=(weights,))
+    except KeyError as err:
+        hint = " (use --nouse_ema to sample from the raw weights)" if use_ema else ""
+        raise KeyError(f"{err.args[0]}{hint}") from None
+    try:
+        config = ckpt_lib.read_config(directory, step)
+    except Exception as err:  # noqa: BLE001 - Orbax raises several types for a missing item
+        raise FileNotFoundError(f"checkpoint {directory}/{step} has no readable config: {err}") from err
+    return Source(directory, step, state[weights], config, weights, workdir)
+
+
+# What may be overridden: the sampling settings, not the network the checkpoint holds.
+_OVERRIDABLE = ("sampling.", "seed", "dtype")
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """The saved `config` with the flattened `overrides` ({"sampling.cfg_scale": 2.0, ...}).
+
+    A "ddimN" sampler given without a respacing brings its own steps, not the saved respacing.
+    """
+    config = {**config, "sampling": dict(config.get("sampling") or {})}
+    for path, value in overrides.items():
+        if not (path.startswith(_OVERRIDABLE[0]) or path in _OVERRIDABLE[1:]):
+            raise ValueError(f"--config.{path}: only --config.sampling.*, --config.seed and "
+                             "--config.dtype apply to sampling; the network is the checkpoint's")
+        if isinstance(value, tuple):
+            value = list(value)
+        if path.startswith("sampling."):
+            config["sampling"][path.split(".", 1)[1]] = value
+        else:
+            config[path] = value
+    sampler = overrides.get("sampling.sampler")
+    if sampler is not None and sampler not in SAMPLERS and "sampling.respacing" not in overrides:
+        config["sampling"]["respacing"] = None
+    return config
