@@ -119,7 +119,7 @@ def sampling_model(config: Mapping[str, Any], dtype: str):
     A run trained with the GPU-only Pallas norm kernels ("pallas") samples elsewhere with the
     XLA norm: the same function of the same weights, so the checkpoint stays usable off a GPU.
     """
-    from dico_jax.models.dico import check_norm_impl
+    from dico_jax.models import check_norm_impl
 
     overrides: dict[str, Any] = {"dtype": dtype, "remat": "none"}
     try:
