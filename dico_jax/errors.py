@@ -40,11 +40,12 @@ def one_line(tool: str, err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def cli(tool: str) -> Iterator[None]:
-    """Turns a `UserError` raised inside into one line on stderr and exit status 2."""
+def cli(tool: str, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turns a `UserError` raised inside (or one of `also`: e.g. OSError where every file the
+    command opens is one the user named) into one line on stderr and exit status 2."""
     try:
         yield
-    except UserError as err:
+    except (UserError, *also) as err:
         if show_tracebacks():
             raise
         sys.stdout.flush()

@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import default as default_config
-from dico_jax import runtime, sampling
+from dico_jax import errors, runtime, sampling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint and config).")
@@ -43,16 +43,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.start(orbax_level=logging.ERROR)
-    try:
+    # Every file this command opens is one the user named: a missing or unreadable one, like a
+    # bad setting, is the user's to fix.
+    with errors.cli("dico_jax.sample", also=(OSError, ValueError, KeyError)):
         source = sampling.load_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                       step=FLAGS.step, use_ema=FLAGS.use_ema)
         source.config = sampling.apply_overrides(source.config, FLAGS["config"].override_values)
         settings = sampling.Settings.from_config(source.config, jax.device_count())
         report = sampling.generate(source, settings, FLAGS.out, vae_weights=FLAGS.vae_weights,
                                    grid=FLAGS.grid, max_batches=FLAGS.max_batches)
-    except (OSError, ValueError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        raise SystemExit(f"error: {message}") from None
     if jax.process_index() == 0:
         print(f"{source.config['model']['name']} step {source.step} ({source.weights}), "
               f"{settings.sampler} {settings.respacing}, cfg {settings.cfg_scale}: "

@@ -204,6 +204,25 @@ def test_command_line_uses_config_defaults(workdir, tmp_path):
         np.testing.assert_array_equal(f["label"], [2, 7] * 5)
 
 
+def test_non_finite_settings_and_samples_are_refused(workdir, tmp_path):
+    out = tmp_path / "nan.npz"
+    done = subprocess.run(
+        [sys.executable, "-m", "dico_jax.sample", f"--workdir={workdir}", f"--out={out}",
+         "--config.sampling.cfg_scale=nan"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines()[-1] == (
+        "dico_jax.sample: error: --config.sampling.cfg_scale=nan: must be a finite number")
+    # Weights that give NaN: the first batch is refused, naming it and its seed; nothing written.
+    model = get_model("DiCo-S", **TINY)
+    broken = jax.tree.map(lambda a: np.full(a.shape, np.nan, np.float32), abstract_params(model, 8, 8))
+    nan_run = str(tmp_path / "nan_run")
+    write_run(nan_run, tiny_digits_config(), broken, broken)
+    with pytest.raises(ValueError, match=r"batch 0 \(seed 0\): 8 of 8 samples are NaN or infinite"):
+        sample_lib.generate(sample_lib.load_source(workdir=nan_run), settings(), str(out),
+                            progress=False)
+    assert not out.exists()
+
+
 def test_command_line_overrides_apply_to_the_saved_config():
     saved = tiny_digits_config().to_dict()  # ddim, respacing "5", cfg 3.0
     config = sample_lib.apply_overrides(saved, {"sampling.cfg_scale": 1.5, "seed": 3})

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dico_jax.errors import UserError
 from dico_jax.sampling import parts
 from dico_jax.sampling.grid import write_grid
 from dico_jax.sampling.sampler import (BATCH_AXIS, Settings, batch_labels, make_sampler,
@@ -156,8 +157,14 @@ def _run_batches(run_batch, todo, done, settings: Settings, num_classes: int, di
             labels = batch_labels(settings, num_classes, b)
             result = (b, labels, run_batch(b, labels))
         if pending is not None:
-            pb, plabels, images = pending
-            images = parts.to_host(images)
+            pb, plabels, (images, finite) = pending
+            images, finite = parts.to_host(images), parts.to_host(finite)
+            if not finite.all():
+                raise UserError(
+                    f"batch {pb} (seed {settings.seed}): {int((~finite).sum())} of {len(finite)} "
+                    "samples are NaN or infinite, so nothing more is written; check the "
+                    "checkpoint (a diverged run?) and the sampling settings "
+                    f"(cfg_scale {settings.cfg_scale}, dtype {settings.dtype})")
             if chief:
                 parts.write_part(directory, pb, images, plabels)
             if on_batch is not None:

@@ -138,12 +138,18 @@ def to_uint8(images):
     return (images * 127.5 + 128.0).clip(0.0, 255.0).astype(np.uint8)
 
 
+def decode(x: jax.Array, vae: Any = None, vae_params: Any = None,
+           scale_factor: float = 1.0) -> jax.Array:
+    """Samples as images: VAE-decoded from latents / scale_factor when `vae` is given."""
+    if vae is None:
+        return x
+    return vae.apply({"params": vae_params}, x / scale_factor, method=vae.decode)
+
+
 def to_uint8_images(x: jax.Array, vae: Any = None, vae_params: Any = None,
                     scale_factor: float = 1.0) -> jax.Array:
-    """Samples -> uint8 pixels: VAE-decoded from latents / scale_factor when `vae` is given."""
-    if vae is not None:
-        x = vae.apply({"params": vae_params}, x / scale_factor, method=vae.decode)
-    return to_uint8(x)
+    """Samples -> uint8 pixels (`decode`, then `to_uint8`)."""
+    return to_uint8(decode(x, vae, vae_params, scale_factor))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +192,13 @@ def batch_key(seed, batch_index) -> jax.Array:
 def make_sampler(model: Any, settings: Settings, space: data_spec.DataSpec,
                  mesh: jax.sharding.Mesh, *, config: Mapping[str, Any],
                  vae: Any = None) -> Callable:
-    """`sample(params, vae_params, labels, seed, batch_index) -> uint8 (B, H, W, C)`, jitted.
+    """`sample(params, vae_params, labels, seed, batch_index) -> (uint8 (B, H, W, C), finite
+    (B,))`, jitted.
 
     Batch b is drawn with `batch_key(seed, b)`; the batch dim is split over `mesh`, weights
     are replicated. The VAE (when `space.vae`) decodes latents / scale_factor inside the same
-    program.
+    program. `finite` says which samples were finite before the cast to uint8, which would
+    silently turn NaN into black pixels.
     """
     if space.vae and vae is None:
         raise ValueError("these are VAE latents: a VAE module is needed to decode them")
@@ -201,7 +209,8 @@ def make_sampler(model: Any, settings: Settings, space: data_spec.DataSpec,
 
     def sample(params, vae_params, labels, seed, batch_index):
         x = draw(params, labels, batch_key(seed, batch_index))
-        return to_uint8_images(x, vae if space.vae else None, vae_params, space.scale_factor)
+        x = decode(x, vae if space.vae else None, vae_params, space.scale_factor)
+        return to_uint8(x), jnp.isfinite(x).all(axis=tuple(range(1, x.ndim)))
 
     return jax.jit(sample, in_shardings=(replicated, replicated, batch, replicated, replicated),
-                   out_shardings=batch)
+                   out_shardings=(batch, batch))

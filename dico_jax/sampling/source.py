@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
 from dico_jax import checkpoint as ckpt_lib
 from dico_jax.data import spec as data_spec
 from dico_jax.diffusion import SAMPLERS
+from dico_jax.errors import UserError
 
 
 def image_space(config: Mapping[str, Any], workdir: str | None = None) -> data_spec.DataSpec:
@@ -86,6 +88,8 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
         if not (path.startswith(_OVERRIDABLE[0]) or path in _OVERRIDABLE[1:]):
             raise ValueError(f"--config.{path}: only --config.sampling.*, --config.seed and "
                              "--config.dtype apply to sampling; the network is the checkpoint's")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--config.{path}={value}: must be a finite number")
         if isinstance(value, tuple):
             value = list(value)
         if path.startswith("sampling."):
