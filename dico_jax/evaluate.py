@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 
-from dico_jax import runtime
+from dico_jax import errors, runtime
 from dico_jax.evaluation import features as feature_io
 from dico_jax.evaluation import files, inception
 
@@ -74,7 +74,6 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+    # The files it reads are the ones the user named: their errors are the user's to fix.
+    with errors.cli("dico_jax.evaluate", also=(OSError, ValueError)):
         main()
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"dico_jax.evaluate: {err}")

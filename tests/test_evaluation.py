@@ -1,5 +1,7 @@
 """Evaluation: ADM metric definitions, the FID Inception port, digits metrics, the evaluate CLI."""
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -487,6 +489,18 @@ def test_non_finite_samples_and_features_are_refused():
         metrics.feature_statistics(features)
     with pytest.raises(ValueError, match="sample_features: 2 of 20 rows"):
         metrics.precision_recall(np.zeros((20, 4)), features)
+
+
+def test_evaluate_cli_refuses_nan_samples_in_one_line(tmp_path):
+    samples = np.zeros((20, 8, 8), np.float32)
+    samples[4] = np.nan
+    np.savez(tmp_path / "nan.npz", arr_0=samples)
+    done = subprocess.run([sys.executable, "-m", "dico_jax.evaluate", "--digits",
+                           "--samples", str(tmp_path / "nan.npz")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("dico_jax.evaluate: error: ")
+    assert "nan.npz: 1 of 20 digit samples hold NaN" in done.stderr
 
 
 def test_evaluate_cli_digits_mode(tmp_path):

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -30,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dico_jax import runtime
+from dico_jax import errors, runtime
+from dico_jax.errors import UserError
 from dico_jax.data import imagenet, records
 
 SD_VAE_SCALE_FACTOR = 0.18215
@@ -378,10 +378,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             seed=args.seed, prefix=args.split, decode_threads=args.decode_threads,
         )
     except ExtractionError as e:
-        sys.exit(f"extraction failed: {e}")
+        raise UserError(f"extraction into {args.out} failed: {e}") from e
     if manifest is not None:
         print(f"wrote {manifest.count} latents {manifest.latent_shape} in {len(manifest.shards)} shards to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    with errors.cli("dico_jax.data.extract", also=(OSError,)):
+        main()

@@ -438,10 +438,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with opener(args.hlo, "rt") as f:
             text = f.read()
     except OSError as e:
-        parser.exit(1, f"{parser.prog}: cannot read {args.hlo}: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: cannot read {args.hlo}: {e}\n")
     peaks = chip_peaks(args.device_kind, args.dtype)
     if args.device_kind and peaks is None:
-        parser.exit(1, f"{parser.prog}: no peaks known for device kind {args.device_kind!r}\n")
+        parser.exit(2, f"{parser.prog}: error: no peaks known for device kind "
+                       f"{args.device_kind!r}\n")
     summary = summarize(kernels(text), *(peaks or (None, None)))
     print(format_parts(summary, args.batch))
     return summary
