@@ -8,6 +8,7 @@ checkpoints intact.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Mapping
@@ -95,7 +96,8 @@ class TrainCheckpointer:
             items[DATA] = _grain_args()[0](data_iterator)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(dict(config))
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._write_errors_named():  # also reports the previous save's failure
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> tuple[Any, Any]:
         """(state, data_iterator) at `step`; the state takes the shapes and shardings of
@@ -155,7 +157,30 @@ class TrainCheckpointer:
         self.manager.reload()
 
     def wait_until_finished(self) -> None:
-        self.manager.wait_until_finished()
+        with self._write_errors_named():
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _write_errors_named(self):
+        """A save that the file system refused (disk full, no permission) as one user error
+        naming the directory and the newest complete checkpoint, which it leaves intact:
+        Orbax writes each step into a temporary directory and renames it only when whole."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - TensorStore reports OS errors as ValueError
+            text = " ".join(str(err).split())
+            if not (isinstance(err, OSError) or "os_error_code" in text
+                    or "No space left" in text):
+                raise
+            reason = ("no space left on device" if "No space left" in text or "28" in
+                      text.partition("os_error_code")[2][:6] else text[:200])
+            self.manager.reload()
+            newest = self.manager.latest_step()
+            kept = (f"the checkpoint of step {newest} is intact" if newest is not None
+                    else "no earlier checkpoint exists")
+            raise UserError(f"saving a checkpoint in {self.directory} failed: {reason}; {kept}. "
+                            "Free space (or fix the directory's permissions) and rerun the same "
+                            "command to resume") from err
 
     def close(self) -> None:
         self.manager.close()

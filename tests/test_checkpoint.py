@@ -94,3 +94,38 @@ def test_other_model_is_named_by_its_config_fields():
                                         r"checkpoint 64, this run 128; config.model.depths: "
                                         r"checkpoint \[1, 1, 1, 1, 1\], this run \[5, 4, 4, 4, 4\]"):
         ckpt_lib.check_same_model(saved, other, "ckpt/40")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 KB file system (tmpfs): room for one small checkpoint, not two."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    yield str(mount)
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_disk_full_during_a_save_is_one_error_and_keeps_the_previous_step(small_disk):
+    directory = os.path.join(small_disk, "checkpoints")
+    rng = np.random.default_rng(0)
+
+    def big(step):  # 150 KB of incompressible values
+        return {"step": jnp.int32(step),
+                "params": {"w": jnp.asarray(rng.normal(size=(150 * 256,)), jnp.float32)}}
+
+    checkpointer = ckpt_lib.TrainCheckpointer(directory, keep=3)
+    checkpointer.save(1, big(1))
+    checkpointer.wait_until_finished()
+    with pytest.raises(UserError, match=r"saving a checkpoint in .*checkpoints failed: no space "
+                                        r"left on device; the checkpoint of step 1 is intact"):
+        checkpointer.save(2, big(2))
+        checkpointer.wait_until_finished()
+    checkpointer.close()
+    state, step = ckpt_lib.restore_to_host(directory, items=("params",))
+    assert step == 1 and state["params"]["w"].shape == (150 * 256,)
