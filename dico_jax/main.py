@@ -6,7 +6,7 @@ same command resumes from the latest checkpoint in DIR.
 from absl import app, flags
 from ml_collections import config_flags
 
-from dico_jax import runtime, train
+from dico_jax import errors, runtime, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -19,7 +19,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.start()
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with errors.cli("dico_jax.main"):
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

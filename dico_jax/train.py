@@ -22,12 +22,14 @@ from etils import epath
 
 from dico_jax import builders, chips
 from dico_jax import sharding as sharding_lib
+from dico_jax.errors import UserError
 from dico_jax.models import check_norm_impl, count_params, forward_flops_per_image
 from dico_jax.train_step import (Metrics, TrainState, batch_spec, init_state, make_train_step)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm of a step was NaN or infinite."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss or gradient norm of a step was NaN or infinite (the run's settings or data are
+    to blame, so it ends as a user error: one line, the last good checkpoint intact)."""
 
 
 def load_initial_weights(state: TrainState, directory: str, shardings: TrainState) -> TrainState:
@@ -46,7 +48,7 @@ def load_initial_weights(state: TrainState, directory: str, shardings: TrainStat
                 for p, x in jax.tree_util.tree_leaves_with_path(weights[name])}
         if want != have:
             bad = sorted(set(want.items()) ^ set(have.items()))[:10]
-            raise ValueError(f"init_from {directory} (step {step}): {name} do not match this "
+            raise UserError(f"init_from {directory} (step {step}): {name} do not match this "
                              f"config's model; differing (path, shape) entries: {bad}")
     return state.replace(params=jax.device_put(weights["params"], shardings.params),
                          ema_params=jax.device_put(weights["ema_params"], shardings.ema_params))
@@ -56,20 +58,44 @@ def load_initial_weights(state: TrainState, directory: str, shardings: TrainStat
 # Data.
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Clear errors for settings that would otherwise fail deep inside the loop."""
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int | None = None) -> None:
+    """Clear errors, before anything is built or compiled, for settings that would otherwise
+    fail deep inside the loop (`num_devices`: the devices of all processes, by default
+    `jax.device_count()`)."""
     for field in ("global_batch_size", "num_train_steps", "log_every_steps",
-                  "checkpoint_every_steps", "keep_checkpoints"):
+                  "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps"):
         if config[field] < 1:
-            raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
-    if config.sample_every_steps < 0:
-        raise ValueError(f"config.sample_every_steps must be >= 0, got {config.sample_every_steps}")
-    if not 0.0 <= config.ema_decay <= 1.0:
-        raise ValueError(f"config.ema_decay must lie in [0, 1], got {config.ema_decay}")
+            raise UserError(f"config.{field} must be >= 1, got {config[field]}")
+    for field in ("sample_every_steps", "keep_every_steps", "warmup_steps"):
+        if config[field] < 0:
+            raise UserError(f"config.{field} must be >= 0, got {config[field]}")
+    for field in ("learning_rate", "adam_b1", "adam_b2", "adam_eps", "weight_decay",
+                  "ema_decay", "grad_clip_norm"):
+        if not math.isfinite(config[field]) or config[field] < 0:
+            raise UserError(f"config.{field} must be a finite number >= 0, got {config[field]}")
+    if config.ema_decay > 1.0:
+        raise UserError(f"config.ema_decay must lie in [0, 1], got {config.ema_decay}")
     if config.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
-    check_norm_impl(config.model.get("norm_impl", "xla"), jax.default_backend(),
-                    "config.model.norm_impl")
+        raise UserError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+    try:
+        check_norm_impl(config.model.get("norm_impl", "xla"), jax.default_backend(),
+                        "config.model.norm_impl")
+        num_devices = jax.device_count() if num_devices is None else num_devices
+        axes = sharding_lib.resolve_axis_sizes(config.mesh, num_devices)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    # The global batch is split over every device (and so over every process), and each
+    # micro-batch of gradient accumulation too.
+    per_step = int(config.grad_accum_steps) * num_devices
+    if config.global_batch_size % per_step:
+        what = (f"{num_devices} devices" if config.grad_accum_steps == 1 else
+                f"config.grad_accum_steps={config.grad_accum_steps} micro-batches over "
+                f"{num_devices} devices")
+        raise UserError(
+            f"config.global_batch_size={config.global_batch_size} does not split into "
+            f"{what} (mesh {axes}, {jax.process_count()} processes): use a multiple of "
+            f"{per_step}")
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str):
@@ -89,7 +115,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
 
             multihost_utils.sync_global_devices("digits dataset written")
         return data_dir, records.read_manifest(data_dir)
-    raise ValueError(
+    raise UserError(
         "config.data.dir is empty: set --config.data.dir to a latent dataset (manifest.json and "
         "ArrayRecord shards from dico_jax.data), or --config.data.builtin=digits")
 
@@ -101,13 +127,15 @@ def check_data_matches_config(config: ml_collections.ConfigDict, manifest: Any,
     h, w, c = manifest.latent_shape
     downsample = 1 if manifest.pixels else data_spec.SD_VAE_DOWNSAMPLE
     if h * downsample != config.resolution or w * downsample != config.resolution:
-        raise ValueError(
+        raise UserError(
             f"config.resolution={config.resolution} needs {config.resolution // downsample}^2 "
-            f"latents, but {data_dir} holds {h}x{w}x{c} (vae {manifest.vae!r})")
+            f"latents, but {data_dir} holds {h}x{w}x{c} (vae {manifest.vae!r}): set "
+            f"--config.resolution={h * downsample} or point config.data.dir at data of that size")
     for field, expected in (("in_channels", c), ("num_classes", manifest.num_classes)):
         value = config.model.get(field)
         if value is not None and value != expected:
-            raise ValueError(f"config.model.{field}={value} but the data in {data_dir} has {expected}")
+            raise UserError(f"config.model.{field}={value} but the data in {data_dir} has "
+                            f"{expected}: leave it unset to follow the data")
 
 
 def resolve_config(config: ml_collections.ConfigDict, manifest: Any) -> ml_collections.ConfigDict:
@@ -280,16 +308,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         ckpt_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints,
         keep_every=config.keep_every_steps)
     latest = checkpointer.latest_step()
-    if latest is None:
+    if latest is not None:
+        ckpt_lib.check_same_model(checkpointer.saved_config(latest), config,
+                                  f"{checkpointer.directory}/{latest}")
+    target = sharding_lib.with_shardings(abstract_state.to_dict(), shardings.to_dict())
+    try:
+        restored = checkpointer.restore_newest(target, data_iterator)
+    except BaseException:
+        checkpointer.close()  # its threads would otherwise report over the error at exit
+        raise
+    if restored is None:
         state = init()
         if config.init_from:
             state = load_initial_weights(state, config.init_from, shardings)
             logging.info("starting from the weights of %s", config.init_from)
     else:
-        target = sharding_lib.with_shardings(abstract_state.to_dict(), shardings.to_dict())
-        restored, _ = checkpointer.restore(latest, target, data_iterator)
-        state = TrainState(**restored)
-        logging.info("resumed from the checkpoint of step %d", latest)
+        state = TrainState(**restored[1])
+        logging.info("resumed from the checkpoint of step %d", restored[0])
     start_step = int(jax.device_get(state.step))
 
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
@@ -366,11 +401,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                          step)
                 logging.info("wrote %s", path)
         step_log.drain()
+    except BaseException:
+        # Stopping on an error: finish a save already in flight (that checkpoint stays whole)
+        # without letting its own failure hide the error that stopped the run.
+        try:
+            checkpointer.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - reported, the first error goes on
+            logging.error("the checkpoint being saved when the run stopped failed too: %s", err)
+        raise
+    else:
+        checkpointer.wait_until_finished()  # the last save, whole before returning
     finally:
         preemption.close()
         step_log.close()
-        # An earlier save may still be in flight; let it finish so that checkpoint is whole.
-        checkpointer.wait_until_finished()
         checkpointer.close()
         writer.flush()
     return state

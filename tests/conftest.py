@@ -33,3 +33,27 @@ def _absl_flags_parsed():
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     yield
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """`mount(size)`: a tmpfs of `size` (e.g. "300k") to run a disk out of space; unmounted
+    after the test. Mounting needs root: skipped elsewhere."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str) -> str:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                           str(path)]).returncode:
+            pytest.skip("this machine cannot mount a tmpfs")
+        mounted.append(path)
+        return str(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)])

@@ -97,18 +97,8 @@ def test_other_model_is_named_by_its_config_fields():
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 300 KB file system (tmpfs): room for one small checkpoint, not two."""
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("this machine cannot mount a tmpfs")
-    yield str(mount)
-    subprocess.run(["umount", "-l", str(mount)])
+def small_disk(small_tmpfs):
+    return small_tmpfs("300k")  # room for one small checkpoint, not two
 
 
 def test_disk_full_during_a_save_is_one_error_and_keeps_the_previous_step(small_disk):

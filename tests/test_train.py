@@ -4,6 +4,7 @@ Everything runs a tiny DiCo (width 16, one block per level) on the 8x8 digits, o
 8 fake CPU devices of conftest.py.
 """
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -324,3 +325,79 @@ def test_sigterm_saves_current_step(digits_dir, tmp_path, compilation_cache):
     steps = ckpt_lib.saved_steps(ckpt_lib.checkpoint_dir(workdir))
     assert steps == [last_logged] and 3 <= last_logged < 100_000
     assert b"preempted" in stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes and damage, as a user meets them on the command line.
+
+
+def _last_line(stderr):
+    lines = stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.slow
+def test_run_level_user_errors_are_one_line(digits_dir, straight_run, tmp_path, compilation_cache):
+    env = {**os.environ, **compilation_cache}
+    # A global batch the devices cannot split: refused before anything is built.
+    fresh = tmp_path / "fresh"
+    done = subprocess.run(main_command(str(fresh), digits_dir, global_batch_size=60), cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert _last_line(done.stderr).startswith(
+        "dico_jax.main: error: config.global_batch_size=60 does not split into 8 devices")
+    assert "Traceback" not in done.stderr and not (fresh / "checkpoints").exists()
+    # Resuming with another model: the differing config fields are named; nothing is touched.
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    done = subprocess.run(main_command(str(workdir), digits_dir, **{"model.hidden_size": 32}),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = _last_line(done.stderr)
+    assert last.startswith("dico_jax.main: error: ") and "holds another model" in last
+    assert "config.model.hidden_size: checkpoint 16, this run 32" in last
+    assert ckpt_lib.saved_steps(ckpt_lib.checkpoint_dir(str(workdir))) == list(range(4, 25, 4))
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_and_the_run_continues(digits_dir, straight_run,
+                                                                     tmp_path, compilation_cache):
+    ref_workdir, ref_state, _ = straight_run
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_workdir, workdir)
+    newest = os.path.join(ckpt_lib.checkpoint_dir(str(workdir)), str(NUM_STEPS))
+    files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(newest, "state"))
+             for f in names if f"{os.sep}d{os.sep}" in os.path.join(root, f)]
+    victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    done = subprocess.run(main_command(str(workdir), digits_dir), cwd=ROOT,
+                          env={**os.environ, **compilation_cache}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"checkpoint of step {NUM_STEPS}" in done.stderr and "cannot be restored" in done.stderr
+    assert f"resumed from the checkpoint of step {NUM_STEPS - 4}" in done.stderr
+    # The damaged step is kept aside; the run redid its last steps exactly.
+    assert os.path.isdir(os.path.join(f"{ckpt_lib.checkpoint_dir(str(workdir))}_damaged",
+                                      str(NUM_STEPS)))
+    on_host, step = ckpt_lib.restore_to_host(ckpt_lib.checkpoint_dir(str(workdir)))
+    assert step == NUM_STEPS
+    assert_trees_equal(on_host["params"], ref_state["params"])
+
+
+@pytest.mark.slow
+def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(
+        digits_dir, straight_run, small_tmpfs, compilation_cache):
+    ref_workdir = straight_run[0]
+    one = sum(os.path.getsize(os.path.join(root, f)) for root, _, names in
+              os.walk(os.path.join(ckpt_lib.checkpoint_dir(ref_workdir), "4")) for f in names)
+    workdir = os.path.join(small_tmpfs(f"{int(one * 1.5) // 1024}k"), "run")  # one checkpoint fits
+    done = subprocess.run(main_command(workdir, digits_dir, num_train_steps=12), cwd=ROOT,
+                          env={**os.environ, **compilation_cache}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = _last_line(done.stderr)
+    assert last.startswith("dico_jax.main: error: saving a checkpoint in ") and (
+        "no space left on device; the checkpoint of step 4 is intact" in last), last
+    _, step = ckpt_lib.restore_to_host(ckpt_lib.checkpoint_dir(workdir), items=("params",))
+    assert step == 4
