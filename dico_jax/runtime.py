@@ -150,7 +150,24 @@ def initialize_distributed() -> None:
             f"could not join {where} within {init_timeout} s ({INIT_TIMEOUT_ENV}): is process 0 "
             f"running and reachable at that address, and does every process have the same "
             f"JAX_NUM_PROCESSES? ({type(e).__name__}: {e})") from e
+    use_distributed_barriers()
     PeerWatch(heartbeat).start()
+
+
+def use_distributed_barriers() -> None:
+    """Orbax barriers through the coordination service instead of a device all-reduce.
+
+    Orbax's default barrier is `multihost_utils.sync_global_devices`, a collective program
+    that Orbax itself warns must never run concurrently with other collectives, and that waits
+    forever when a peer is gone; the coordination service's barrier launches no device
+    program and has a timeout.
+    """
+    import orbax.checkpoint  # noqa: F401  (defines the flag)
+    from absl import flags
+
+    flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+    flag.value = True
+    flag.present = 1  # readable even where the command parses no absl flags
 
 
 EXIT_PEER_LOST = 75

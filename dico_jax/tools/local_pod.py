@@ -35,8 +35,12 @@ def free_port() -> int:
 def process_env(base: dict[str, str], *, index: int, count: int, address: str,
                 devices_per_process: int | None) -> dict[str, str]:
     env = dict(base)
-    env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(count),
-               JAX_PROCESS_ID=str(index), PYTHONUNBUFFERED="1")
+    env["PYTHONUNBUFFERED"] = "1"
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    if count > 1:  # one process runs alone, without a coordinator
+        env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(count),
+                   JAX_PROCESS_ID=str(index))
     if devices_per_process:
         env["JAX_PLATFORMS"] = "cpu"
         flags = [f for f in env.get("XLA_FLAGS", "").split()

@@ -1,0 +1,168 @@
+"""Entry points as real JAX multi-process jobs: 2 processes x 4 CPU devices through
+`dico_jax.tools.local_pod` (jax.distributed with gloo collectives, Orbax multi-host
+checkpoints, Grain per-process reads), compared with 1 process x 8 devices.
+
+The training runs share one small digits setup; the 1-process reference run is made once per
+module and every other run is checked against its losses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+STEPS = 12
+TRAIN = ["dico_jax.main", "--config=configs/digits.py", "--config.checkpoint_every_steps=4",
+         "--config.log_every_steps=4", "--config.debug_log_losses=True",
+         "--config.sample_at_end=False", "--config.keep_checkpoints=10"]
+GRID = ["--config.sample_at_end=True", "--config.sampling.respacing=4",
+        "--config.sampling.grid_per_class=1", "--config.sampling.grid_classes=4"]
+
+
+def pod_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               DICO_JAX_HEARTBEAT_TIMEOUT="20", DICO_JAX_INIT_TIMEOUT="60", **extra)
+    return env
+
+
+def pod_command(n: int, module_args: list[str], devices: int | None = None) -> list[str]:
+    devices = devices or 8 // n
+    return [PY, "-m", "dico_jax.tools.local_pod", "-n", str(n), "--devices-per-process",
+            str(devices), "--grace", "60", "--", PY, "-m", *module_args]
+
+
+def run_pod(n: int, module_args: list[str], timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(pod_command(n, module_args), cwd=REPO, env=pod_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train(n: int, workdir: Path, steps: int = STEPS, *extra: str, check: bool = True):
+    result = run_pod(n, [*TRAIN, f"--workdir={workdir}", f"--config.num_train_steps={steps}",
+                         *extra])
+    if check:
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    out = {}
+    for line in (workdir / "losses.jsonl").read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def assert_losses_close(got: dict[int, float], want: dict[int, float], steps, rtol: float):
+    steps = list(steps)
+    assert set(steps) <= set(got), sorted(got)
+    np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=rtol)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    """Losses of the 1-process, 8-device run."""
+    workdir = tmp_path_factory.mktemp("one_process")
+    train(1, workdir)
+    return losses(workdir)
+
+
+@pytest.mark.slow
+def test_two_process_training_matches_one_process_and_writes_its_grid(tmp_path, reference):
+    # Data axis over both processes, 8 steps, grid at the end; then 1 process resumes the
+    # 2-process checkpoint (global arrays and the input position) to the reference's end.
+    workdir = tmp_path / "run"
+    result = train(2, workdir, 8, *GRID)
+    assert (workdir / "samples.png").stat().st_size > 0
+    assert (workdir / "samples_00000008.png").exists()
+    assert "[1]" in result.stdout and "[0]" in result.stdout
+    assert_losses_close(losses(workdir), reference, range(1, 9), rtol=1e-4)
+    train(1, workdir)
+    assert_losses_close(losses(workdir), reference, range(9, STEPS + 1), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_run_resumes_across_process_counts(tmp_path, reference):
+    # FSDP axis spanning both processes (each parameter split 8 ways over the 2 processes),
+    # 1 process first, then 2 processes resume its checkpoint.
+    workdir = tmp_path / "run"
+    fsdp = ["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.fsdp_min_size=1"]
+    train(1, workdir, 4, *fsdp)
+    train(2, workdir, STEPS, *fsdp)
+    assert_losses_close(losses(workdir), reference, range(1, STEPS + 1), rtol=1e-4)
+
+
+def _start_pod(n: int, module_args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(pod_command(n, module_args), cwd=REPO, env=pod_env(),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the pod ended early:\n{log.read_text()[-6000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out:\n{log.read_text()[-6000:]}")
+        time.sleep(0.05)
+
+
+def _pids(log: Path) -> dict[int, int]:
+    pids = {}
+    for line in log.read_text().splitlines():
+        if line.startswith("[local_pod] process ") and " pid " in line:
+            words = line.split()
+            pids[int(words[2])] = int(words[words.index("pid") + 1].rstrip(","))
+    return pids
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_process_stops_the_other_and_a_rerun_resumes(tmp_path, reference):
+    workdir = tmp_path / "run"
+    log = tmp_path / "killed.log"
+    args = [*TRAIN, f"--workdir={workdir}", f"--config.num_train_steps={STEPS}"]
+    proc = _start_pod(2, args, log)
+    _wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), proc, log)
+    os.kill(_pids(log)[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    text = log.read_text()
+    # The survivor stops on its own (the pod's grace is longer than its wait), naming its peer.
+    assert "[0] ERROR (process 0 of 2): lost process 1" in text, text[-4000:]
+    assert "restart the whole job" in text
+    assert "process 1 failed first" in text
+    assert "process 0 exited with code 75" in text
+
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    train(2, workdir)
+    resumed = losses(workdir)
+    # Steps after the last complete checkpoint are those of an uninterrupted run.
+    assert_losses_close(resumed, reference, range(saved[-1] + 1, STEPS + 1), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_to_both_processes_saves_one_agreed_step_and_exits_zero(tmp_path):
+    workdir = tmp_path / "run"
+    log = tmp_path / "preempted.log"
+    proc = _start_pod(2, [*TRAIN, f"--workdir={workdir}", "--config.num_train_steps=1000"], log)
+    _wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), proc, log)
+    proc.send_signal(signal.SIGTERM)  # the pod passes it on to both processes
+    assert proc.wait(timeout=180) == 0, log.read_text()[-6000:]
+    text = log.read_text()
+    stops = sorted({line.split("saved step ")[1].split(",")[0]
+                    for line in text.splitlines() if "preempted: saved step" in line})
+    assert len(stops) == 1, text[-4000:]
+    assert sum("preempted: saved step" in line for line in text.splitlines()) == 2
+    step = int(stops[0])
+    assert 4 <= step < 1000 and (workdir / "checkpoints" / str(step)).is_dir()
