@@ -71,11 +71,16 @@ def assert_losses_close(got: dict[int, float], want: dict[int, float], steps, rt
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[int, float]:
-    """Losses of the 1-process, 8-device run."""
+def reference_run(tmp_path_factory) -> Path:
+    """Workdir of the 1-process, 8-device run."""
     workdir = tmp_path_factory.mktemp("one_process")
     train(1, workdir)
-    return losses(workdir)
+    return workdir
+
+
+@pytest.fixture
+def reference(reference_run) -> dict[int, float]:
+    return losses(reference_run)
 
 
 @pytest.mark.slow
@@ -166,3 +171,74 @@ def test_sigterm_to_both_processes_saves_one_agreed_step_and_exits_zero(tmp_path
     assert sum("preempted: saved step" in line for line in text.splitlines()) == 2
     step = int(stops[0])
     assert 4 <= step < 1000 and (workdir / "checkpoints" / str(step)).is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent extraction and sampling.
+
+
+def _extract_job(source: str, out: str) -> None:
+    """Runs as each process of a pod: the extraction library with the test's small encoder."""
+    from dico_jax import runtime
+
+    runtime.start()
+    from dico_jax.data import extract, imagenet
+    from tests.test_extract import IMAGE_SIZE, _pool_encode
+
+    import jax.numpy as jnp
+
+    extract.extract_latents(imagenet.FolderSource(source), out, encode_fn=_pool_encode,
+                            params={"gain": jnp.float32(2.0)}, image_size=IMAGE_SIZE,
+                            batch_size=8, shard_size=4, scale_factor=0.5, vae_name="pool8",
+                            show_progress=False)
+
+
+def _dataset_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_extract_across_two_processes_writes_the_one_process_dataset(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    source = tmp_path / "images"
+    for c in range(3):
+        (source / f"n0{c}").mkdir(parents=True)
+        for i in range(10):
+            w, h = rng.integers(20, 60, size=2)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                source / f"n0{c}" / f"img{i}.png")
+    datasets = {}
+    for n in (1, 2):
+        out = tmp_path / f"latents_{n}"
+        result = run_pod(n, ["tests.test_multiprocess", "extract", str(source), str(out)],
+                         timeout=300)
+        assert result.returncode == 0, result.stdout[-6000:]
+        datasets[n] = _dataset_files(out)
+    assert "manifest.json" in datasets[1]
+    assert len([name for name in datasets[1] if name.endswith(".done.json")]) == 8
+    assert datasets[2].keys() == datasets[1].keys()
+    for name in datasets[1]:
+        assert datasets[2][name] == datasets[1][name], name
+
+
+@pytest.mark.slow
+def test_sample_across_two_processes_writes_the_one_process_npz(tmp_path, reference_run):
+    arrays = {}
+    for n in (1, 2):
+        out = tmp_path / f"samples_{n}.npz"
+        result = run_pod(n, ["dico_jax.sample", "--workdir", str(reference_run), "--out", str(out),
+                             "--num-samples", "24", "--batch-size", "8", "--respacing", "4",
+                             "--seed", "3"], timeout=300)
+        assert result.returncode == 0, result.stdout[-6000:]
+        with np.load(out) as f:
+            arrays[n] = {k: f[k] for k in f.files}
+    assert arrays[1].keys() == arrays[2].keys() and arrays[1]["arr_0"].shape[0] == 24
+    for key in arrays[1]:
+        np.testing.assert_array_equal(arrays[2][key], arrays[1][key], err_msg=key)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "extract":
+        _extract_job(*sys.argv[2:])

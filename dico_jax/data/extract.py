@@ -8,8 +8,9 @@ flip. ``--storage sample`` (default, the official recipe) stores a posterior sam
 scale factor; ``--storage moments`` stores mean and log-variance so training draws a fresh
 sample each time it reads the record.
 
-Under JAX multi-host (``--distributed``) process p encodes shards p, p + P, p + 2P, ... over its
-local devices; ``--out`` must be a directory every host sees. Each finished shard is renamed
+As process p of P (started from the environment, see ``dico_jax.runtime``) it encodes shards
+p, p + P, p + 2P, ... over its local devices, each example with its own noise key, so the
+dataset is the same for any number of processes; ``--out`` must be a directory every host sees. Each finished shard is renamed
 into place and marked with a ``.done.json`` file, so a rerun skips it. Process 0 checks all
 shards and the total count, then writes ``manifest.json``.
 """
@@ -349,15 +350,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-skipped", type=int, default=0, help="unreadable images to tolerate")
     parser.add_argument("--seed", type=int, default=0, help="posterior sampling seed")
     parser.add_argument("--decode-threads", type=int, default=None)
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="no longer needed: processes join from the environment (JAX_COORDINATOR_ADDRESS, "
+                             "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a Cloud TPU / Slurm job)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.distributed:
-        jax.distributed.initialize()
+    from dico_jax import runtime
+
+    runtime.start()
+    if args.distributed and jax.process_count() == 1:
+        logging.warning("--distributed: no other processes found in the environment; running alone")
     # Only process 0 prepares tfds; the others wait, then read the prepared files.
     if args.source.startswith("tfds:") and jax.process_count() > 1 and jax.process_index() != 0:
         from jax.experimental import multihost_utils
