@@ -292,7 +292,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start_step = int(jax.device_get(state.step))
 
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-    parameter_overview.log_parameter_overview(state.params, msg=f"{config.model.name} parameters")
+    # Statistics read every parameter to the host: only where each process holds them whole
+    # (FSDP over several processes leaves each with a part).
+    whole = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
+    parameter_overview.log_parameter_overview(state.params, include_stats=whole,
+                                              msg=f"{config.model.name} parameters",
+                                              jax_logging_process=0)
 
     t0 = time.perf_counter()
     step_fn = make_train_step(config, model, diffusion, tx, lr_schedule, shardings, mesh).lower(
@@ -363,7 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if sampler is not None and config.sample_at_end:
                 path = write_sample_grid(sampler, grid_shape, state.ema_params, config, workdir,
                                          step)
-                logging.info("wrote %s", path)
+                if is_chief:
+                    logging.info("wrote %s", path)
         step_log.drain()
     finally:
         preemption.close()

@@ -119,7 +119,10 @@ def make_encoder(
     latent_shape = tuple(int(d) for d in out_shape[3:])
 
     def run(images: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return np.asarray(jitted(params, images, ids.astype(np.int32)))
+        # Placed on this process's devices first: with several processes, jit accepts host
+        # arrays only for replicated inputs.
+        images, ids = jax.device_put((images, ids.astype(np.int32)), batch_sharding)
+        return np.asarray(jitted(params, images, ids))
 
     return run, latent_shape
 
