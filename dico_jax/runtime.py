@@ -70,6 +70,9 @@ class DistributedConfigError(RuntimeError):
 # declared lost (the survivors then stop instead of waiting on it forever).
 INIT_TIMEOUT_ENV = "DICO_JAX_INIT_TIMEOUT"
 HEARTBEAT_TIMEOUT_ENV = "DICO_JAX_HEARTBEAT_TIMEOUT"
+# Exit codes: a peer was lost (or failed); this process could not join the others.
+EXIT_PEER_LOST = 75
+EXIT_JOIN_FAILED = 76
 
 
 def _env_int(name: str, default: int | None = None) -> int | None:
@@ -141,15 +144,29 @@ def initialize_distributed() -> None:
     if explicit is not None:
         address, count, index = explicit
         kwargs.update(coordinator_address=address, num_processes=count, process_id=index)
+    where = (f"process {explicit[2]} of {explicit[1]} via the coordinator at {explicit[0]}"
+             if explicit else "the processes of the detected cluster")
+    problem = (f"could not join {where} within {init_timeout} s ({INIT_TIMEOUT_ENV}): check that "
+               "every process was started, with the same JAX_NUM_PROCESSES and "
+               "JAX_COORDINATOR_ADDRESS, and that process 0 is reachable at that address")
+    log.info("joining %s (waiting at most %d s)", where, init_timeout)
+
+    # A join that times out aborts inside the runtime with a bare C++ log line; say what to
+    # check first, just before that happens.
+    def give_up():
+        sys.stderr.write(f"\nERROR: {problem}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_JOIN_FAILED)
+
+    timer = threading.Timer(init_timeout, give_up)
+    timer.daemon = True
+    timer.start()
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - the runtime raises its own types
-        where = (f"process {kwargs['process_id']} of {kwargs['num_processes']} via coordinator "
-                 f"{kwargs['coordinator_address']}" if explicit else "the detected cluster")
-        raise DistributedConfigError(
-            f"could not join {where} within {init_timeout} s ({INIT_TIMEOUT_ENV}): is process 0 "
-            f"running and reachable at that address, and does every process have the same "
-            f"JAX_NUM_PROCESSES? ({type(e).__name__}: {e})") from e
+        raise DistributedConfigError(f"{problem} ({type(e).__name__}: {e})") from e
+    finally:
+        timer.cancel()
     use_distributed_barriers()
     PeerWatch(heartbeat).start()
 
@@ -168,9 +185,6 @@ def use_distributed_barriers() -> None:
     flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
     flag.value = True
     flag.present = 1  # readable even where the command parses no absl flags
-
-
-EXIT_PEER_LOST = 75
 
 
 class PeerWatch(threading.Thread):
@@ -202,6 +216,11 @@ class PeerWatch(threading.Thread):
         def hook(kind, value, tb):
             self.report("failed", f"{kind.__name__}: {value}"[:500])
             previous_hook(kind, value, tb)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Leave now: the runtime's shutdown at exit waits for every peer, and the peers
+            # are still working (until they read the report above).
+            os._exit(1)
 
         sys.excepthook = hook
         atexit.register(lambda: self.report("exited", "ok"))

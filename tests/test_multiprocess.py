@@ -32,7 +32,8 @@ GRID = ["--config.sample_at_end=True", "--config.sampling.respacing=4",
 def pod_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               DICO_JAX_HEARTBEAT_TIMEOUT="20", DICO_JAX_INIT_TIMEOUT="60", **extra)
+               DICO_JAX_HEARTBEAT_TIMEOUT="20", DICO_JAX_INIT_TIMEOUT="60")
+    env.update(extra)
     return env
 
 
@@ -171,6 +172,74 @@ def test_sigterm_to_both_processes_saves_one_agreed_step_and_exits_zero(tmp_path
     assert sum("preempted: saved step" in line for line in text.splitlines()) == 2
     step = int(stops[0])
     assert 4 <= step < 1000 and (workdir / "checkpoints" / str(step)).is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up.
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID is not"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES is not"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"},
+     "a single process needs no coordinator"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, "JAX_COORDINATOR_ADDRESS is not"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     "outside 0 .. 1"),
+])
+def test_inconsistent_process_settings_are_refused(monkeypatch, env, message):
+    from dico_jax import runtime
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(runtime.DistributedConfigError, match=message):
+        runtime.explicit_process_env()
+
+
+def test_unreachable_coordinator_fails_in_bounded_time_with_a_clear_error():
+    from dico_jax import runtime
+    from dico_jax.tools.local_pod import free_port
+
+    env = pod_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2",
+                  JAX_PROCESS_ID="1", DICO_JAX_INIT_TIMEOUT="3")
+    start = time.monotonic()
+    result = subprocess.run([PY, "-c", "from dico_jax import runtime; runtime.start()"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert result.returncode == runtime.EXIT_JOIN_FAILED, result.stderr[-3000:]
+    assert "could not join process 1 of 2 via the coordinator at 127.0.0.1:" in result.stderr
+    assert "within 3 s" in result.stderr
+
+
+FAILING_JOB = """
+from dico_jax import runtime
+runtime.start()
+import jax
+from jax.experimental import multihost_utils
+if jax.process_index() == 1:
+    raise ValueError("bad input on process 1")
+multihost_utils.sync_global_devices("never reached by process 1")
+"""
+
+
+def test_a_failing_process_stops_its_peer_with_the_reason():
+    # Process 0 waits in a collective that process 1 never joins; without the peer watch it
+    # would wait until the runtime's heartbeat and shutdown timeouts.
+    from dico_jax import runtime
+
+    start = time.monotonic()
+    result = subprocess.run(
+        [PY, "-m", "dico_jax.tools.local_pod", "-n", "2", "--devices-per-process", "1",
+         "--grace", "100", "--", PY, "-c", FAILING_JOB],
+        cwd=REPO, env=pod_env(), capture_output=True, text=True, timeout=200)
+    assert result.returncode == 1
+    assert time.monotonic() - start < 90
+    assert ("[0] ERROR (process 0 of 2): process 1 failed (ValueError: bad input on process 1)"
+            in result.stdout), result.stdout[-4000:]
+    assert f"process 0 exited with code {runtime.EXIT_PEER_LOST}" in result.stdout
+    assert "process 1 failed first" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+EXIT_PEER_LOST = 75  # dico_jax.runtime.EXIT_PEER_LOST; not imported, to keep JAX out of here
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -109,15 +111,16 @@ class Pod:
         """0 when every process exits 0; else 1 after naming the first that failed."""
         failed = None
         failed_at = 0.0
+        order: list[int] = []  # processes in the order they were seen to fail
         while True:
             codes = [p.poll() for p in self.procs]
-            if failed is None:
-                for i, code in enumerate(codes):
-                    if code not in (None, 0):
-                        failed, failed_at = i, time.monotonic()
-                        self.say(f"process {i} {_describe(code)}; the others get {grace_s:g} s "
-                                 "to stop on their own")
-                        break
+            for i, code in enumerate(codes):
+                if code not in (None, 0) and i not in order:
+                    order.append(i)
+            if failed is None and order:
+                failed, failed_at = order[0], time.monotonic()
+                self.say(f"process {failed} {_describe(codes[failed])}; the others get "
+                         f"{grace_s:g} s to stop on their own")
             if all(c is not None for c in codes):
                 break
             if failed is not None and time.monotonic() - failed_at > grace_s:
@@ -131,6 +134,10 @@ class Pod:
             pump.join(timeout=5)
         if failed is None:
             return 0
+        # A process that stopped because it lost a peer (dico_jax.runtime.EXIT_PEER_LOST) is
+        # not the cause when another failed too.
+        causes = [i for i in order if self.procs[i].returncode != EXIT_PEER_LOST]
+        failed = (causes or order)[0]
         summary = ", ".join(f"process {i} {_describe(p.returncode)}"
                             for i, p in enumerate(self.procs))
         self.say(f"FAILED: process {failed} failed first ({summary})")
