@@ -3,6 +3,17 @@
 multi-controller runtime.
 
 Call `start()` first thing in a command's `main`, before anything touches a JAX backend.
+
+Process i of n joins its job from the environment:
+
+    JAX_COORDINATOR_ADDRESS=host:port   process 0's address, the same on every process
+    JAX_NUM_PROCESSES=n                 the number of processes
+    JAX_PROCESS_ID=i                    this process, 0 .. n-1
+    DICO_JAX_INIT_TIMEOUT=300           seconds to wait for every process to join
+    DICO_JAX_HEARTBEAT_TIMEOUT=100      seconds of silence after which a process is lost
+
+Cloud TPU VMs and Slurm jobs need none of these (JAX finds its peers there).
+`python -m dico_jax.tools.local_pod` sets them for n processes on one machine.
 """
 from __future__ import annotations
 

@@ -227,7 +227,13 @@ def write_sample_grid(sampler, grid_shape, params, config, workdir: str, step: i
     from dico_jax import sampling_grid
 
     key = jax.random.fold_in(jax.random.key(config.seed), 0x5A3F1E)  # fixed noise across grids
-    images = np.asarray(jax.device_get(sampler(params, key)))
+    images = sampler(params, key)
+    if not (images.is_fully_addressable or images.is_fully_replicated):
+        # Every process joins the gather (a collective); only process 0 writes below.
+        from jax.experimental import multihost_utils
+
+        images = multihost_utils.process_allgather(images, tiled=True)
+    images = np.asarray(images)
     grid = sampling_grid.image_grid(sampling_grid.to_uint8(images), rows=grid_shape[0])
     path = os.path.join(workdir, "samples.png")
     if jax.process_index() == 0:
