@@ -57,7 +57,7 @@ def _grain_args():
     # Imported lazily: restoring weights for conversion or sampling needs no input stack.
     import grain
 
-    return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
+    return grain.checkpoint.CheckpointSave
 
 
 class TrainCheckpointer:
@@ -93,7 +93,7 @@ class TrainCheckpointer:
         """
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items[DATA] = _grain_args()[0](data_iterator)
+            items[DATA] = _grain_args()(data_iterator)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(dict(config))
         with self._write_errors_named():  # also reports the previous save's failure
@@ -104,10 +104,10 @@ class TrainCheckpointer:
         `abstract_state` (ShapeDtypeStructs), so it may land on a different mesh than it was
         saved from. The iterator is restored in place."""
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items[DATA] = _grain_args()[1](data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored[STATE], restored[DATA] if data_iterator is not None else None
+        if data_iterator is not None:
+            restore_iterator(os.path.join(self.directory, str(step), DATA), data_iterator)
+        return restored[STATE], data_iterator
 
     def saved_config(self, step: int) -> dict | None:
         """The config saved with `step`, or None when that step has none or it is unreadable."""
@@ -233,6 +233,23 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def restore_iterator(directory: str, iterator: Any) -> None:
+    """Sets `iterator` to the state saved in `directory` (a checkpoint's `data` item).
+
+    Grain names each process's file `process_<i>-of-<n>.json`. The training iterator's state
+    is the count of global batches read, the same on every process (`dico_jax.data.pipeline`),
+    so a run saved by n processes resumes on any other number from any process's file.
+    """
+    import json
+
+    path = epath.Path(directory)
+    own = path / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    files = [own] if own.exists() else sorted(path.glob("process_*-of-*.json"))
+    if not files:
+        raise FileNotFoundError(f"no input iterator state in {directory}")
+    iterator.set_state(json.loads(files[0].read_text()))
 
 
 def _read_only_manager(directory: str) -> ocp.CheckpointManager:

@@ -3,12 +3,27 @@
 multi-controller runtime.
 
 Call `start()` first thing in a command's `main`, before anything touches a JAX backend.
+
+Process i of n joins its job from the environment:
+
+    JAX_COORDINATOR_ADDRESS=host:port   process 0's address, the same on every process
+    JAX_NUM_PROCESSES=n                 the number of processes
+    JAX_PROCESS_ID=i                    this process, 0 .. n-1
+    DICO_JAX_INIT_TIMEOUT=300           seconds to wait for every process to join
+    DICO_JAX_HEARTBEAT_TIMEOUT=100      seconds of silence after which a process is lost
+
+Cloud TPU VMs and Slurm jobs need none of these (JAX finds its peers there).
+`python -m dico_jax.tools.local_pod` sets them for n processes on one machine.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
+import sys
+import threading
+import time
 
 import jax
 
@@ -57,10 +72,218 @@ def on_multiprocess_runtime() -> bool:
     return sharding_lib.tpu_chips_present() and importlib.util.find_spec("libtpu") is not None
 
 
+class DistributedConfigError(RuntimeError):
+    """The environment's multi-process settings are missing, inconsistent or unreachable."""
+
+
+# Bounds on the waits of the multi-process runtime (seconds), from the environment: how long
+# to wait for every process to join, and after how long without a heartbeat a process is
+# declared lost (the survivors then stop instead of waiting on it forever).
+INIT_TIMEOUT_ENV = "DICO_JAX_INIT_TIMEOUT"
+HEARTBEAT_TIMEOUT_ENV = "DICO_JAX_HEARTBEAT_TIMEOUT"
+# Exit codes: a peer was lost (or failed); this process could not join the others.
+EXIT_PEER_LOST = 75
+EXIT_JOIN_FAILED = 76
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedConfigError(f"{name}={value!r} is not an integer") from None
+
+
+def explicit_process_env() -> tuple[str, int, int] | None:
+    """(coordinator address, process count, process id) from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID; None when none is set. A partial or inconsistent
+    set raises `DistributedConfigError`. On Cloud TPU and Slurm the count and id may be left
+    out (JAX finds them there)."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip()
+    count = _env_int("JAX_NUM_PROCESSES")
+    index = _env_int("JAX_PROCESS_ID")
+    if not address and count is None and index is None:
+        return None
+    if not address:
+        raise DistributedConfigError(
+            "JAX_NUM_PROCESSES / JAX_PROCESS_ID are set but JAX_COORDINATOR_ADDRESS is not: set "
+            "it to host:port of process 0 on every process")
+    if count is None and index is None and _auto_detected_cluster():
+        return None
+    if count is None or index is None:
+        missing = "JAX_NUM_PROCESSES" if count is None else "JAX_PROCESS_ID"
+        raise DistributedConfigError(
+            f"JAX_COORDINATOR_ADDRESS={address} is set but {missing} is not: every process needs "
+            "the process count and its own id (0 .. count-1)")
+    if count < 2:
+        raise DistributedConfigError(
+            f"JAX_NUM_PROCESSES={count} with a coordinator ({address}): a single process needs "
+            "no coordinator; unset JAX_COORDINATOR_ADDRESS, or give the real process count")
+    if not 0 <= index < count:
+        raise DistributedConfigError(f"JAX_PROCESS_ID={index} is outside 0 .. {count - 1}")
+    if ":" not in address:
+        raise DistributedConfigError(f"JAX_COORDINATOR_ADDRESS={address} needs a port (host:port)")
+    return address, count, index
+
+
+def _auto_detected_cluster() -> bool:
+    env = os.environ
+    return bool(env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES")
+                or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+                or (sharding_lib.tpu_chips_present() and importlib.util.find_spec("libtpu")))
+
+
 def initialize_distributed() -> None:
-    """Joins the job's other processes when the runtime says there are any."""
-    if on_multiprocess_runtime() and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    """Joins the job's other processes when the environment says there are any.
+
+    On the CPU backend the collectives between processes go through gloo. Joining waits at
+    most DICO_JAX_INIT_TIMEOUT seconds (default 300); a process that stops sending heartbeats
+    for DICO_JAX_HEARTBEAT_TIMEOUT seconds (default 100) is declared lost and the others stop.
+    """
+    if jax.distributed.is_initialized():
+        return
+    explicit = explicit_process_env()
+    if explicit is None and not on_multiprocess_runtime():
+        return
+    # Must be set before the CPU backend starts; without it CPU processes share no collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    init_timeout = _env_int(INIT_TIMEOUT_ENV, 300)
+    heartbeat = _env_int(HEARTBEAT_TIMEOUT_ENV, 100)
+    kwargs = dict(initialization_timeout=init_timeout, heartbeat_timeout_seconds=heartbeat)
+    if explicit is not None:
+        address, count, index = explicit
+        kwargs.update(coordinator_address=address, num_processes=count, process_id=index)
+    where = (f"process {explicit[2]} of {explicit[1]} via the coordinator at {explicit[0]}"
+             if explicit else "the processes of the detected cluster")
+    problem = (f"could not join {where} within {init_timeout} s ({INIT_TIMEOUT_ENV}): check that "
+               "every process was started, with the same JAX_NUM_PROCESSES and "
+               "JAX_COORDINATOR_ADDRESS, and that process 0 is reachable at that address")
+    log.info("joining %s (waiting at most %d s)", where, init_timeout)
+
+    # A join that times out aborts inside the runtime with a bare C++ log line; say what to
+    # check first, just before that happens.
+    def give_up():
+        sys.stderr.write(f"\nERROR: {problem}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_JOIN_FAILED)
+
+    timer = threading.Timer(init_timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the runtime raises its own types
+        raise DistributedConfigError(f"{problem} ({type(e).__name__}: {e})") from e
+    finally:
+        timer.cancel()
+    use_distributed_barriers()
+    PeerWatch(heartbeat).start()
+
+
+def use_distributed_barriers() -> None:
+    """Orbax barriers through the coordination service instead of a device all-reduce.
+
+    Orbax's default barrier is `multihost_utils.sync_global_devices`, a collective program
+    that Orbax itself warns must never run concurrently with other collectives, and that waits
+    forever when a peer is gone; the coordination service's barrier launches no device
+    program and has a timeout.
+    """
+    import orbax.checkpoint  # noqa: F401  (defines the flag)
+    from absl import flags
+
+    flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+    flag.value = True
+    flag.present = 1  # readable even where the command parses no absl flags
+
+
+class PeerWatch(threading.Thread):
+    """Stops this process, naming the peer, when another process of the job dies or fails.
+
+    Left alone, a survivor waits in its next collective until JAX's own heartbeat check
+    aborts it with a C++ log line that does not say what to do. Each process beats a counter
+    in the coordination service's key-value store every second; a peer whose counter stands
+    still for half the heartbeat timeout (so this fires first) and that did not say it
+    finished cleanly is lost, and a peer that reports an uncaught exception has failed.
+    Either way this process prints which one and exits with EXIT_PEER_LOST: a pod job is
+    restarted whole, and resumes from its last complete checkpoint.
+    """
+
+    PREFIX = "dico_jax/peer/"
+
+    def __init__(self, heartbeat_timeout: int):
+        super().__init__(name="dico_jax-peer-watch", daemon=True)
+        from jax._src import distributed
+
+        self.client = distributed.global_state.client
+        self.index, self.count = jax.process_index(), jax.process_count()
+        self.lost_after = max(2.0, heartbeat_timeout / 2)
+        self.interval = min(1.0, self.lost_after / 4)
+        self._beat = 0
+        self._failed = None
+        previous_hook = sys.excepthook
+
+        def hook(kind, value, tb):
+            self.report("failed", f"{kind.__name__}: {value}"[:500])
+            previous_hook(kind, value, tb)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Leave now: the runtime's shutdown at exit waits for every peer, and the peers
+            # are still working (until they read the report above).
+            os._exit(1)
+
+        sys.excepthook = hook
+        atexit.register(lambda: self.report("exited", "ok"))
+
+    def report(self, what: str, text: str) -> None:
+        try:
+            if what == "exited" and self._failed is None:
+                self.client.key_value_set(f"{self.PREFIX}exited/{self.index}", text, True)
+            elif what == "failed":
+                self._failed = text
+                self.client.key_value_set(f"{self.PREFIX}failed/{self.index}", text, True)
+        except Exception:  # noqa: BLE001 - the coordinator may be gone already
+            pass
+
+    def _stop(self, message: str) -> None:
+        sys.stderr.write(f"\nERROR (process {self.index} of {self.count}): {message}. This "
+                         "process stops too; restart the whole job to resume from its last "
+                         "complete checkpoint.\n")
+        sys.stderr.flush()
+        os._exit(EXIT_PEER_LOST)
+
+    def run(self) -> None:
+        seen: dict[int, tuple[str, float]] = {}
+        unreachable_since = None
+        while True:
+            now = time.monotonic()
+            try:
+                self._beat += 1
+                self.client.key_value_set(f"{self.PREFIX}beat/{self.index}", str(self._beat), True)
+                entries = dict(self.client.key_value_dir_get(self.PREFIX))
+                unreachable_since = None
+            except Exception as e:  # noqa: BLE001
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > self.lost_after:
+                    self._stop(f"lost the coordinator, process 0 ({type(e).__name__})")
+                time.sleep(self.interval)
+                continue
+            if self._failed is not None:
+                return
+            for peer in range(self.count):
+                if peer == self.index or f"{self.PREFIX}exited/{peer}" in entries:
+                    continue
+                failure = entries.get(f"{self.PREFIX}failed/{peer}")
+                if failure is not None:
+                    self._stop(f"process {peer} failed ({failure})")
+                beat = entries.get(f"{self.PREFIX}beat/{peer}", "")
+                if seen.get(peer, (None,))[0] != beat:
+                    seen[peer] = (beat, now)
+                elif now - seen[peer][1] > self.lost_after:
+                    self._stop(f"lost process {peer}: no sign of life for "
+                               f"{now - seen[peer][1]:.0f} s (killed, preempted or hung)")
+            time.sleep(self.interval)
 
 
 def start(orbax_level: int = logging.WARNING) -> None:

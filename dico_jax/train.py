@@ -255,7 +255,13 @@ def write_sample_grid(sampler, grid_shape, params, config, workdir: str, step: i
     from dico_jax.sampling import grid as sampling_grid
 
     key = jax.random.fold_in(jax.random.key(config.seed), 0x5A3F1E)  # fixed noise across grids
-    images = np.asarray(jax.device_get(sampler(params, key)))
+    images = sampler(params, key)
+    if not (images.is_fully_addressable or images.is_fully_replicated):
+        # Every process joins the gather (a collective); only process 0 writes below.
+        from jax.experimental import multihost_utils
+
+        images = multihost_utils.process_allgather(images, tiled=True)
+    images = np.asarray(images)
     grid = sampling_grid.image_grid(sampling_grid.to_uint8(images), rows=grid_shape[0])
     path = os.path.join(workdir, "samples.png")
     if jax.process_index() == 0:
@@ -328,7 +334,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start_step = int(jax.device_get(state.step))
 
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-    parameter_overview.log_parameter_overview(state.params, msg=f"{config.model.name} parameters")
+    # Statistics read every parameter to the host: only where each process holds them whole
+    # (FSDP over several processes leaves each with a part).
+    whole = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
+    parameter_overview.log_parameter_overview(state.params, include_stats=whole,
+                                              msg=f"{config.model.name} parameters",
+                                              jax_logging_process=0)
 
     t0 = time.perf_counter()
     step_fn = make_train_step(config, model, diffusion, tx, lr_schedule, shardings, mesh).lower(
@@ -399,7 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if sampler is not None and config.sample_at_end:
                 path = write_sample_grid(sampler, grid_shape, state.ema_params, config, workdir,
                                          step)
-                logging.info("wrote %s", path)
+                if is_chief:
+                    logging.info("wrote %s", path)
         step_log.drain()
     except BaseException:
         # Stopping on an error: finish a save already in flight (that checkpoint stays whole)

@@ -262,17 +262,30 @@ def test_pipeline_draws_fresh_posterior_samples_from_moments(tmp_path):
     assert not np.allclose(first, second)  # the same records, a new sample each epoch
 
 
-def test_processes_read_disjoint_parts_of_each_epoch(tmp_path, monkeypatch):
-    _marked_dataset(tmp_path, count=96)
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    seen = []
-    for index in range(2):
-        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        it = pipeline.create_train_iterator(str(tmp_path), global_batch_size=32, seed=5)
-        batches = [next(it) for _ in range(3)]  # 48 records: this process's half of the epoch
-        assert all(b["latent"].shape[0] == 16 for b in batches)
-        seen.append(np.concatenate([_record_ids(b)[0] for b in batches]))
-    assert sorted(np.concatenate(seen)) == list(range(96))
+@pytest.mark.parametrize("storage", ["sample", "moments"])
+def test_process_parts_make_the_same_global_batch_whatever_the_process_count(tmp_path, storage):
+    # Records, order, flip views and posterior noise of a position depend on (seed, step,
+    # position) only: the parts read by 2 or 4 processes concatenate to 1 process's batch.
+    count, shape = 48, (4, 4, 2)
+    rng = np.random.default_rng(0)
+    parts = 2 if storage == "moments" else 1
+    views = rng.normal(size=(count, 2, parts, *shape)).astype(np.float32)
+    records.write_dataset(str(tmp_path), views, np.arange(count) % 3, num_classes=3, storage=storage,
+                          scale_factor=0.5, vae="test", image_size=None, shard_size=16)
+
+    def batches(index, processes):
+        it = iter(pipeline.create_train_dataset(str(tmp_path), global_batch_size=16, seed=3,
+                                                random_flip=True, process=(index, processes)))
+        return [next(it) for _ in range(5)]  # crosses an epoch boundary
+
+    whole = batches(0, 1)
+    for processes in (2, 4):
+        split = [batches(i, processes) for i in range(processes)]
+        for step, want in enumerate(whole):
+            for key in ("latent", "label"):
+                got = np.concatenate([split[i][step][key] for i in range(processes)])
+                np.testing.assert_array_equal(got, want[key])
+    assert not np.array_equal(whole[0]["latent"], whole[3]["latent"])
 
 
 @pytest.mark.parametrize("worker_count", [0, 2])
@@ -315,7 +328,7 @@ def test_iterator_state_saves_and_restores_with_orbax(tmp_path):
 
 def test_pipeline_rejects_batch_larger_than_dataset(tmp_path):
     _marked_dataset(tmp_path, count=24, shard_size=24)
-    with pytest.raises(ValueError, match="per-process batch 32 exceeds the 24 records"):
+    with pytest.raises(ValueError, match="global batch 32 exceeds the 24 records"):
         pipeline.create_train_dataset(str(tmp_path), global_batch_size=32, seed=0)
 
 

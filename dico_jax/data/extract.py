@@ -8,8 +8,9 @@ flip. ``--storage sample`` (default, the official recipe) stores a posterior sam
 scale factor; ``--storage moments`` stores mean and log-variance so training draws a fresh
 sample each time it reads the record.
 
-On a multi-host runtime (joined at start-up by ``dico_jax.runtime``) process p encodes shards
-p, p + P, p + 2P, ... over its local devices; ``--out`` must be a directory every host sees. Each finished shard is renamed
+As process p of P (started from the environment, see ``dico_jax.runtime``) it encodes shards
+p, p + P, p + 2P, ... over its local devices, each example with its own noise key, so the
+dataset is the same for any number of processes; ``--out`` must be a directory every host sees. Each finished shard is renamed
 into place and marked with a ``.done.json`` file, so a rerun skips it. Process 0 checks all
 shards and the total count, then writes ``manifest.json``.
 """
@@ -119,7 +120,10 @@ def make_encoder(
     latent_shape = tuple(int(d) for d in out_shape[3:])
 
     def run(images: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return np.asarray(jitted(params, images, ids.astype(np.int32)))
+        # Placed on this process's devices first: with several processes, jit accepts host
+        # arrays only for replicated inputs.
+        images, ids = jax.device_put((images, ids.astype(np.int32)), batch_sharding)
+        return np.asarray(jitted(params, images, ids))
 
     return run, latent_shape
 

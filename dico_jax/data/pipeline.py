@@ -1,9 +1,11 @@
 """Grain input pipeline over latent ArrayRecord shards, and global batches laid out on a mesh.
 
-Grain shuffles, shards and batches record *indices*: each JAX process takes a disjoint
-1/process_count slice of every epoch's permutation, batches it to the per-process batch
-size, and one seeded transform per batch reads the records and picks the image or flip view
-(or draws a fresh posterior sample from stored moments). The iterator state saves and
+Grain shuffles and batches record *indices* into global batches: global batch s holds
+elements s*B .. (s+1)*B-1 of the seeded permutations, and one transform seeded by (seed, s)
+picks every position's image or flip view (or posterior noise). Each JAX process reads only
+its contiguous part of each global batch, so a step sees the same images in the same
+positions with the same views whatever the number of processes, and the iterator state (the
+global batch count) is the same on every process. The iterator state saves and
 restores with Orbax through ``grain.checkpoint``::
 
     mngr.save(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)))
@@ -29,8 +31,13 @@ class ReadLatentBatch(grain.transforms.RandomMap):
     from stored moments a fresh posterior sample is drawn and scaled, vectorized over the batch.
     """
 
-    def __init__(self, data_dir: str, manifest: records.Manifest, random_flip: bool = True):
+    def __init__(self, data_dir: str, manifest: records.Manifest, random_flip: bool = True,
+                 part: tuple[int, int] | None = None):
         self.data_dir = data_dir
+        # Positions [start, stop) of the global batch that this process reads; the random
+        # draws are made for the whole global batch so that each position's draw does not
+        # depend on how the batch is split.
+        self.part = part
         self.manifest = manifest
         self.random_flip = random_flip
         self.source = grain.sources.ArrayRecordDataSource(
@@ -49,11 +56,14 @@ class ReadLatentBatch(grain.transforms.RandomMap):
 
     def random_map(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         m = self.manifest
+        global_size = len(indices)
+        views = rng.integers(m.views, size=global_size) if self.random_flip else np.zeros(global_size, int)
+        lo, hi = self.part or (0, global_size)
+        indices, views = indices[lo:hi], views[lo:hi]
         size = len(indices)
         parts = records.STORAGE_PARTS[m.storage]
         out = np.empty((parts, size, *m.latent_shape), np.float32)
         labels = np.empty(size, np.int32)
-        views = rng.integers(m.views, size=size) if self.random_flip else np.zeros(size, int)
         item, part, nbytes, label_at = self._dtype.itemsize, self._part_size, m.record_nbytes, records.HEADER_SIZE - 4
         # Reading in file order costs a third of the CPU time of shuffled order (measured).
         for i in np.argsort(indices):
@@ -72,20 +82,13 @@ class ReadLatentBatch(grain.transforms.RandomMap):
             mean, std = out[0], out[1]
             np.multiply(std, 0.5, out=std)
             np.exp(std, out=std)
-            latent = rng.standard_normal(mean.shape, dtype=np.float32)
+            latent = rng.standard_normal((global_size, *mean.shape[1:]), dtype=np.float32)[lo:hi]
             latent *= std
             latent += mean
             latent *= np.float32(m.scale_factor)
         else:
             latent = out[0]
         return {"latent": latent, "label": labels}
-
-
-def per_process_batch_size(global_batch_size: int) -> int:
-    count = jax.process_count()
-    if global_batch_size % count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the {count} JAX processes")
-    return global_batch_size // count
 
 
 def create_train_dataset(
@@ -100,30 +103,33 @@ def create_train_dataset(
     prefetch_batches: int = 4,
     num_epochs: int | None = None,
     shuffle: bool = True,
+    process: tuple[int, int] | None = None,
 ) -> grain.IterDataset:
     """Per-process batches {"latent": (B, H, W, C) float32, "label": (B,) int32} of a dataset.
 
-    Every epoch is a fresh permutation drawn from ``seed``; process p of P takes elements
-    p, p + P, ... of it. ``num_epochs=None`` repeats forever (batches then run across epoch
+    Every epoch is a fresh permutation drawn from ``seed``; global batch s holds its next
+    ``global_batch_size`` elements, and process p of P reads positions
+    [p B / P, (p + 1) B / P) of it. ``num_epochs=None`` repeats forever (batches then run across epoch
     boundaries). ``read_threads`` batches are read in parallel, ``prefetch_batches`` ahead;
     ``worker_count > 0`` moves the work to that many processes. The dataset is checked against
-    its manifest first.
+    its manifest first. ``process`` is (index, count), by default this JAX process's.
     """
     manifest = records.validate_dataset(data_dir)
-    local_batch = per_process_batch_size(global_batch_size)
-    index, count = jax.process_index(), jax.process_count()
-    if local_batch > manifest.count // count:
+    index, count = process or (jax.process_index(), jax.process_count())
+    if global_batch_size % count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the {count} JAX processes")
+    local_batch = global_batch_size // count
+    if global_batch_size > manifest.count:
         raise ValueError(
-            f"per-process batch {local_batch} exceeds the {manifest.count // count} records each of the "
-            f"{count} processes reads per epoch from {data_dir}"
-        )
+            f"global batch {global_batch_size} exceeds the {manifest.count} records of {data_dir}")
     indices = grain.MapDataset.range(manifest.count).seed(seed)
     if shuffle:
         indices = indices.shuffle()  # reshuffled every epoch of the repeat below
+    part = (index * local_batch, (index + 1) * local_batch)
     batches = (
-        indices.repeat(num_epochs)[index::count]
-        .batch(local_batch, drop_remainder=True)
-        .random_map(ReadLatentBatch(data_dir, manifest, random_flip))
+        indices.repeat(num_epochs)
+        .batch(global_batch_size, drop_remainder=True)
+        .random_map(ReadLatentBatch(data_dir, manifest, random_flip, part))
     )
     dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
     if worker_count > 0:
