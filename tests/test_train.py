@@ -368,14 +368,14 @@ def test_damaged_newest_checkpoint_falls_back_and_the_run_continues(digits_dir, 
     newest = os.path.join(ckpt_lib.checkpoint_dir(str(workdir)), str(NUM_STEPS))
     files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(newest, "state"))
              for f in names if f"{os.sep}d{os.sep}" in os.path.join(root, f)]
-    victim = max(files, key=os.path.getsize)
-    with open(victim, "r+b") as f:
-        f.truncate(os.path.getsize(victim) // 2)
+    for victim in files:  # the step's array data cut short, as by a copy that stopped midway
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
     done = subprocess.run(main_command(str(workdir), digits_dir), cwd=ROOT,
                           env={**os.environ, **compilation_cache}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "cannot be restored" in done.stderr, (victim, done.stderr[-5000:])
+    assert "cannot be restored" in done.stderr, done.stderr[-3000:]
     assert f"checkpoint of step {NUM_STEPS}" in done.stderr
     assert f"resumed from the checkpoint of step {NUM_STEPS - 4}" in done.stderr
     # The damaged step is kept aside; the run redid its last steps exactly.
