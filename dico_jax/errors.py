@@ -49,5 +49,12 @@ def cli(tool: str, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]
         if show_tracebacks():
             raise
         sys.stdout.flush()
-        print(one_line(tool, err), file=sys.stderr, flush=True)
+        line = one_line(tool, err)
+        print(line, file=sys.stderr, flush=True)
+        runtime = sys.modules.get("dico_jax.runtime")
+        if runtime is not None and runtime._WATCH is not None:
+            # Several processes: the others learn of it and stop; leave without the runtime's
+            # shutdown, which would wait for them.
+            runtime.report_failure(line)
+            os._exit(EXIT_USER_ERROR)
         raise SystemExit(EXIT_USER_ERROR) from None

@@ -18,8 +18,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.start()
     with errors.cli("dico_jax.main"):
+        runtime.start()
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

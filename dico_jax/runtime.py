@@ -28,6 +28,7 @@ import time
 import jax
 
 from dico_jax import host_memory
+from dico_jax.errors import UserError
 from dico_jax import sharding as sharding_lib
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def on_multiprocess_runtime() -> bool:
     return sharding_lib.tpu_chips_present() and importlib.util.find_spec("libtpu") is not None
 
 
-class DistributedConfigError(RuntimeError):
+class DistributedConfigError(UserError):
     """The environment's multi-process settings are missing, inconsistent or unreachable."""
 
 
@@ -179,7 +180,19 @@ def initialize_distributed() -> None:
     finally:
         timer.cancel()
     use_distributed_barriers()
-    PeerWatch(heartbeat).start()
+    global _WATCH
+    _WATCH = PeerWatch(heartbeat)
+    _WATCH.start()
+
+
+_WATCH: "PeerWatch | None" = None
+
+
+def report_failure(text: str) -> None:
+    """Tells the other processes that this one stops on an error (a user error it printed
+    itself), so they stop too instead of waiting for it in a collective."""
+    if _WATCH is not None:
+        _WATCH.report("failed", text[:500])
 
 
 def use_distributed_barriers() -> None:

@@ -42,10 +42,10 @@ flags.mark_flags_as_mutual_exclusive(["workdir", "checkpoint"], required=True)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.start(orbax_level=logging.ERROR)
     # Every file this command opens is one the user named: a missing or unreadable one, like a
     # bad setting, is the user's to fix.
     with errors.cli("dico_jax.sample", also=(OSError, ValueError, KeyError)):
+        runtime.start(orbax_level=logging.ERROR)
         source = sampling.load_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                       step=FLAGS.step, use_ema=FLAGS.use_ema)
         source.config = sampling.apply_overrides(source.config, FLAGS["config"].override_values)
