@@ -297,9 +297,9 @@ def test_sample_across_two_processes_writes_the_one_process_npz(tmp_path, refere
     arrays = {}
     for n in (1, 2):
         out = tmp_path / f"samples_{n}.npz"
-        result = run_pod(n, ["dico_jax.sample", "--workdir", str(reference_run), "--out", str(out),
-                             "--num-samples", "24", "--batch-size", "8", "--respacing", "4",
-                             "--seed", "3"], timeout=300)
+        result = run_pod(n, ["dico_jax.sample", f"--workdir={reference_run}", f"--out={out}",
+                             "--config.sampling.num_samples=24", "--config.sampling.batch_size=8",
+                             "--config.sampling.respacing=4", "--config.seed=3"], timeout=300)
         assert result.returncode == 0, result.stdout[-6000:]
         with np.load(out) as f:
             arrays[n] = {k: f[k] for k in f.files}
