@@ -93,11 +93,16 @@ def validate(config: Mapping[str, Any], latent: bool) -> None:
     settings_from_config(config, jax.device_count())
     if latent:
         for field, path in required_files(config).items():
-            if not path:
-                raise UserError(f"{field} is empty: a latent run that evaluates itself "
-                                f"(config.eval.every_steps={every}) needs it")
-            if not os.path.exists(path):
-                raise MissingFile(f"{field}={path}: no such file or folder")
+            check_file(field, path, f"a latent run that evaluates itself "
+                                    f"(config.eval.every_steps={every}) needs it")
+
+
+def check_file(field: str, path: str, why: str) -> str:
+    if not path:
+        raise UserError(f"{field} is empty: {why}")
+    if not os.path.exists(path):
+        raise MissingFile(f"{field}={path}: no such file or folder")
+    return path
 
 
 def required_files(config: Mapping[str, Any]) -> dict[str, str]:
@@ -229,18 +234,21 @@ class Evaluator:
         vae_module = vae_params = None
         if space.vae:
             files = required_files(config)
+            why = "evaluating latents needs it"
+            reference_path = check_file("config.eval.reference", files.pop(
+                "config.eval.reference"), why)
+            inception_path = files.pop("config.eval.inception_weights")
             if vae is None:
                 from dico_jax.sampling.vae import load_vae
 
-                vae = load_vae(files["config.eval.vae_weights" if config["eval"].get(
-                    "vae_weights") else "config.vae_weights"], settings.dtype)
+                vae = load_vae(check_file(*files.popitem(), why), settings.dtype)
             vae_module, vae_params = vae
             if inception_variables is None:
                 from dico_jax.evaluation import inception
 
                 inception_variables = inception.load_pytorch_fid_weights(
-                    files["config.eval.inception_weights"])
-            reference = reference_cache(config["eval"]["reference"], inception_variables, workdir)
+                    check_file("config.eval.inception_weights", inception_path, why))
+            reference = reference_cache(reference_path, inception_variables, workdir)
             scorer = InceptionScorer(inception_variables, reference, mesh)
         else:
             scorer = DigitsScorer(workdir)
