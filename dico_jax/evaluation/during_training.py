@@ -83,7 +83,7 @@ def validate(config: Mapping[str, Any], latent: bool) -> None:
     every = int(config["eval"]["every_steps"])
     if every < 0:
         raise UserError(f"config.eval.every_steps must be >= 0, got {every}")
-    if not every:
+    if not active(config):
         return
     # An evaluation follows a finished checkpoint of its step: a restart then redoes it from
     # that checkpoint instead of skipping it.
@@ -95,6 +95,12 @@ def validate(config: Mapping[str, Any], latent: bool) -> None:
         for field, path in required_files(config).items():
             check_file(field, path, f"a latent run that evaluates itself "
                                     f"(config.eval.every_steps={every}) needs it")
+
+
+def active(config: Mapping[str, Any]) -> bool:
+    """Whether the run reaches an evaluation step."""
+    every = int(config["eval"]["every_steps"])
+    return 0 < every <= int(config.get("num_train_steps", every))
 
 
 def check_file(field: str, path: str, why: str) -> str:
@@ -323,9 +329,9 @@ def scalars(result: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def for_training(config: Mapping[str, Any], workdir: str, space: Any) -> Evaluator | None:
-    """The run's evaluator, or None when `config.eval.every_steps` is 0."""
+    """The run's evaluator, or None when the run reaches no evaluation step."""
     validate(config, space.vae)
-    if not int(config["eval"]["every_steps"]):
+    if not active(config):
         return None
     return Evaluator.from_config(config, workdir, space)
 
