@@ -273,3 +273,31 @@ def test_latent_evaluation_end_to_end_on_random_networks(tmp_path):
     stamp = os.stat(cache).st_mtime_ns
     during_training.reference_cache(str(reference), inception_variables, workdir)
     assert os.stat(cache).st_mtime_ns == stamp  # computed once per run
+
+
+def test_latent_training_grid_is_decoded_with_the_vae(tmp_path):
+    import jax.numpy as jnp
+    from PIL import Image
+
+    from dico_jax import builders
+    from dico_jax.data import spec as data_spec
+    from dico_jax.models.vae import AutoencoderKL
+    from dico_jax.sampling import grid, sampler
+
+    config = tiny_latent_config()
+    config.sampling.respacing = "2"
+    config.sampling.grid_classes = 2
+    config.sampling.grid_per_class = 3
+    space = data_spec.from_config(config)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+    vae_params = vae.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]
+    model = builders.build_model(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
+                        jnp.zeros((1,), jnp.int32))["params"]
+    training_grid = grid.TrainingGrid(model, config, space, sampler.sampling_mesh(),
+                                      (vae, vae_params))
+    path = training_grid.write(params, str(tmp_path), 7)
+    image = np.asarray(Image.open(path))
+    # 2 rows x 3 columns of 16x16 RGB images, enlarged to 32x32 cells with 1-pixel gaps.
+    assert image.shape == (2 * 33 + 1, 3 * 33 + 1, 3)
+    assert os.path.isfile(tmp_path / "samples_00000007.png")
