@@ -14,6 +14,7 @@ the weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dico_jax.errors import MissingFile, UserError
@@ -44,9 +46,9 @@ def result_path(workdir: str, step: int) -> str:
 def evaluated_steps(workdir: str) -> list[int]:
     """Steps with a result in `workdir/eval/` (read by process 0, agreed by every process)."""
     steps = []
-    if jax.process_index() == 0 and os.path.isdir(eval_dir(workdir)):
-        steps = sorted(int(name[:-5]) for name in os.listdir(eval_dir(workdir))
-                       if name.endswith(".json") and name[:-5].isdigit())
+    folder = epath.Path(eval_dir(workdir))
+    if jax.process_index() == 0 and folder.is_dir():
+        steps = sorted(int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit())
     if jax.process_count() == 1:
         return steps
     from jax.experimental import multihost_utils
@@ -191,12 +193,12 @@ def reference_cache(ref_path: str, variables: Any, workdir: str,
     from dico_jax.evaluation import files, metrics
 
     key = f"{os.path.basename(ref_path)}:{os.path.getsize(ref_path)}"
-    path = os.path.join(eval_dir(workdir), REFERENCE_CACHE)
+    path = epath.Path(eval_dir(workdir)) / REFERENCE_CACHE
 
     def cached():
-        if not os.path.isfile(path):
+        if not path.is_file():
             return None
-        with np.load(path) as f:
+        with path.open("rb") as raw, np.load(raw) as f:
             return {k: f[k] for k in f.files} if str(f["key"]) == key else None
 
     if jax.process_index() == 0 and cached() is None:
@@ -209,8 +211,8 @@ def reference_cache(ref_path: str, variables: Any, workdir: str,
         if not stats:
             stats = dict(zip(("mu", "sigma"), metrics.feature_statistics(feats["pool"])))
             stats.update(zip(("mu_s", "sigma_s"), metrics.feature_statistics(feats["spatial"])))
-        os.makedirs(eval_dir(workdir), exist_ok=True)
-        parts.atomic_savez(path, key=np.asarray(key), pool=feats["pool"], **stats)
+        _atomic_write(path, lambda f: np.savez(f, key=np.asarray(key), pool=feats["pool"],
+                                                **stats))
     parts.barrier("evaluation reference statistics")
     return cached()
 
@@ -309,12 +311,21 @@ class Evaluator:
         record["labels"] = "sample i: class i mod num_classes"
         result.update(step=int(step), num_samples=n, seconds=time.perf_counter() - t0,
                       weights="ema", sampling=record)
-        from dico_jax.evaluation.files import write_json
-
-        write_json(result_path(self.workdir, step), result)
+        _atomic_write(epath.Path(result_path(self.workdir, step)),
+                      lambda f: f.write(json.dumps(result, indent=2, sort_keys=True).encode()))
         logging.info("evaluation of step %d: %s", step,
                      {k: round(float(result[k]), 4) for k in SCALARS if k in result})
         return result
+
+
+def _atomic_write(path: epath.Path, write) -> None:
+    """Writes through `write(file)` then renames (local or gs://): a reader never sees half
+    a file, and a run killed while writing leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    with tmp.open("wb") as f:
+        write(f)
+    tmp.replace(path)
 
 
 def scalars(result: Mapping[str, Any] | None) -> dict[str, float]:
