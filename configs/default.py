@@ -58,9 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Checkpoints at multiples of this many steps are never deleted (0: none): the points of
     # a scaling curve, evaluated during the run or afterwards.
     config.keep_every_steps = 50_000
-    # A grid of samples every this many steps (pixel-space data only); 0 disables.
+    # A grid of samples every this many steps (latent runs decode it with `vae_weights`);
+    # 0 disables.
     config.sample_every_steps = 0
-    # Also write a grid after the last step (pixel-space data only).
+    # Also write a grid after the last step.
     config.sample_at_end = False
 
     # Each step's global batch as this many micro-batches, their gradients accumulated in one
@@ -139,6 +140,30 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.labels = ""
     config.sampling.grid_classes = 10
     config.sampling.grid_per_class = 8
+
+    # Diffusers AutoencoderKL weights (a file or folder) that decode a latent run's samples:
+    # its training grids, and its evaluations unless `eval.vae_weights` names others.
+    config.vae_weights = ""
+
+    # Evaluation during training (dico_jax.evaluation.during_training): every `every_steps`
+    # (0: never; a multiple of checkpoint_every_steps) the EMA weights draw `num_samples`
+    # images, labels spread evenly over the classes and the same noise at every evaluation,
+    # scored against `reference`; results in workdir/eval/<step>.json and TensorBoard eval/*.
+    # The defaults are the paper's scaling-table protocol: 250 DDPM steps, no guidance.
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every_steps = 0
+    config.eval.num_samples = 10_000
+    config.eval.batch_size = 0  # global, a multiple of the device count (0: 32 per device)
+    config.eval.sampler = "ddpm"
+    config.eval.respacing = "250"
+    config.eval.cfg_scale = 1.0
+    config.eval.guidance_channels = 3
+    # Latent runs: the ADM reference batch (VIRTUAL_imagenet256_labeled.npz), the pytorch-fid
+    # Inception weights (pt_inception-2015-12-05-6726825d.pth) and the VAE ("" takes
+    # config.vae_weights). The built-in digits need none of them.
+    config.eval.reference = ""
+    config.eval.inception_weights = ""
+    config.eval.vae_weights = ""
 
     # Peak FLOP/s of one chip for perf/mfu where the chip is not in the built-in table
     # (e.g. CPU).

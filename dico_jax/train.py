@@ -251,25 +251,6 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str, extra: Map
     tmp.replace(path)
 
 
-def write_sample_grid(sampler, grid_shape, params, config, workdir: str, step: int) -> str:
-    from dico_jax.sampling import grid as sampling_grid
-
-    key = jax.random.fold_in(jax.random.key(config.seed), 0x5A3F1E)  # fixed noise across grids
-    images = sampler(params, key)
-    if not (images.is_fully_addressable or images.is_fully_replicated):
-        # Every process joins the gather (a collective); only process 0 writes below.
-        from jax.experimental import multihost_utils
-
-        images = multihost_utils.process_allgather(images, tiled=True)
-    images = np.asarray(images)
-    grid = sampling_grid.image_grid(sampling_grid.to_uint8(images), rows=grid_shape[0])
-    path = os.path.join(workdir, "samples.png")
-    if jax.process_index() == 0:
-        sampling_grid.write_png(grid, path)
-        sampling_grid.write_png(grid, os.path.join(workdir, f"samples_{step:08d}.png"))
-    return path
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains to `config.num_train_steps`, resuming from the latest checkpoint in `workdir`.
 
@@ -280,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     from dico_jax import checkpoint as ckpt_lib
     from dico_jax.data import pipeline
+    from dico_jax.data import spec as data_spec
 
     validate_config(config)
     workdir = ckpt_lib.resolve_workdir(workdir)  # local path or gs://...
@@ -290,6 +272,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     check_data_matches_config(config, manifest, data_dir)
     config = resolve_config(config, manifest)
     latent_shape = tuple(manifest.latent_shape)
+    space = data_spec.from_manifest(manifest)
+    # Missing weights or references for the grids or evaluations: an error now, not later.
+    from dico_jax.evaluation import during_training
+    from dico_jax.sampling import grid as sampling_grid
+
+    sampling_grid.check_grid_config(config, space)
+    during_training.validate(config, space.vae)
 
     mesh = sharding_lib.create_mesh(config.mesh)
     model = builders.build_model(config)
@@ -347,14 +336,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     compile_secs = time.perf_counter() - t0
     logging.info("train step compiled in %.1f s", compile_secs)
 
-    sampler = grid_shape = None
-    if manifest.pixels and (config.sample_every_steps or config.sample_at_end):
-        from dico_jax.sampling import grid as sampling_grid
-
-        sampler, grid_shape = sampling_grid.make_grid_sampler(model, config, latent_shape, mesh)
-    elif config.sample_every_steps or config.sample_at_end:
-        logging.info("no sample grids: the data are %s latents and grids are drawn for "
-                     "pixel-space data only", manifest.vae)
+    grid = sampling_grid.TrainingGrid.from_config(model, config, space, mesh)
+    evaluator = during_training.for_training(config, workdir, space)
+    during_training.evaluate_pending(evaluator, start_step, state.ema_params,
+                                     checkpointer.directory, writer if is_chief else None)
 
     peak = chips.peak_flops_per_chip(jax.devices()[0].device_kind, config.peak_flops)
     report_progress = periodic_actions.ReportProgress(
@@ -399,17 +384,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 step_log.drain()  # never save a state past a non-finite step
                 checkpointer.save(step, state.to_dict(), data_iterator, config.to_dict())
 
-            if sampler is not None and config.sample_every_steps and (
+            if not preempted:  # a preempted run stops now and evaluates after its restart
+                during_training.evaluate_if_due(evaluator, step, state.ema_params,
+                                                checkpointer, writer if is_chief else None)
+            if grid is not None and config.sample_every_steps and (
                     step % config.sample_every_steps == 0):
-                write_sample_grid(sampler, grid_shape, state.ema_params, config, workdir, step)
+                grid.write(state.ema_params, workdir, step)
 
             if preempted:
                 logging.warning("preempted: saved step %d, stopping", step)
                 break
         else:
-            if sampler is not None and config.sample_at_end:
-                path = write_sample_grid(sampler, grid_shape, state.ema_params, config, workdir,
-                                         step)
+            if grid is not None and config.sample_at_end:
+                path = grid.write(state.ema_params, workdir, step)
                 if is_chief:
                     logging.info("wrote %s", path)
         step_log.drain()

@@ -78,3 +78,79 @@ def write_grid(images: np.ndarray, path: str, max_images: int = 100,
     cols = min(cols or math.ceil(math.sqrt(n)), n)
     rows = max(1, n // cols)
     write_png(image_grid(images[:rows * cols], rows=rows), path)
+
+
+class TrainingGrid:
+    """The class-conditional grid a run writes as it trains (`samples.png` and
+    `samples_<step>.png` in the workdir), from pixels or from SD-VAE latents decoded with the
+    VAE of `config.vae_weights`.
+
+    Every process runs the same programs; the grid is gathered with `parts.to_host` and
+    process 0 alone writes it.
+    """
+
+    def __init__(self, model: Any, config: Any, space: Any, mesh: jax.sharding.Mesh,
+                 vae: tuple[Any, Any] | None = None):
+        from dico_jax.sampling.sampler import decode
+
+        self.config = config
+        draw, self.shape = make_grid_sampler(model, config, space.latent_shape, mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        module, params = vae if space.vae else (None, None)
+        if space.vae and module is None:
+            raise ValueError("a grid of latents needs a VAE to decode them")
+        self.vae_params = None if params is None else jax.device_put(params, replicated)
+        scale = space.scale_factor
+
+        @functools.partial(jax.jit, out_shardings=replicated)
+        def pixels(params, vae_params, key):
+            return to_uint8(decode(draw(params, key), module, vae_params, scale))
+
+        self._pixels = pixels
+
+    @classmethod
+    def from_config(cls, model: Any, config: Any, space: Any,
+                    mesh: jax.sharding.Mesh) -> "TrainingGrid | None":
+        """None when the config asks for no grid; a one-line error now when a latent run asks
+        for grids without `config.vae_weights`."""
+        if not (config.sample_every_steps or config.sample_at_end):
+            return None
+        check_grid_config(config, space)
+        vae = None
+        if space.vae:
+            from dico_jax.sampling.vae import load_vae
+
+            vae = load_vae(config.vae_weights, str(config.get("dtype", "float32")))
+        return cls(model, config, space, mesh, vae)
+
+    def write(self, params: Any, workdir: str, step: int) -> str:
+        import os
+
+        from dico_jax.sampling import parts
+
+        key = jax.random.fold_in(jax.random.key(self.config.seed), 0x5A3F1E)  # same noise
+        images = parts.to_host(self._pixels(params, self.vae_params, key))
+        grid = image_grid(images, rows=self.shape[0])
+        path = os.path.join(workdir, "samples.png")
+        if jax.process_index() == 0:
+            write_png(grid, path)
+            write_png(grid, os.path.join(workdir, f"samples_{step:08d}.png"))
+        return path
+
+
+def check_grid_config(config: Any, space: Any) -> None:
+    """A one-line error, before training, for a latent run that asks for grids without a VAE."""
+    import os
+
+    from dico_jax.errors import MissingFile, UserError
+
+    if not space.vae or not (config.sample_every_steps or config.sample_at_end):
+        return
+    path = config.get("vae_weights", "")
+    if not path:
+        raise UserError(
+            "config.vae_weights is empty: a latent run decodes its sample grids "
+            "(config.sample_every_steps / sample_at_end) with it; set it to the diffusers "
+            "AutoencoderKL weights, or set sample_every_steps=0 and sample_at_end=False")
+    if not os.path.exists(path):
+        raise MissingFile(f"config.vae_weights={path}: no such file or folder")

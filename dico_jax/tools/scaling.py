@@ -12,7 +12,9 @@ Sources:
   steps_per_sec at global batch 256); by default the copy shipped in this package.
 
 Writes `loss_vs_step.png`, `loss_vs_flops.png`, `fid_vs_gflops.png` (when any FID exists),
-`loss_curves.csv` (raw and smoothed loss, training FLOPs) and `fid.csv`.
+`loss_curves.csv` (raw and smoothed loss, training FLOPs) and `fid.csv`; with evaluation
+results, `eval_vs_step.png` (each metric against the step), `fid_vs_train_flops.png` and
+`eval.csv`, and a table of ours against the paper at matched steps (`tools.scaling_eval`).
 """
 from __future__ import annotations
 
@@ -475,6 +477,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_official:
         curves += read_official_dir(args.official)
         fids += paper_fid_points()
+    from dico_jax.tools import scaling_eval
+
+    evals = []
     labels = args.label or [None] * len(args.runs)
     for run_dir, label in zip(args.runs, labels):
         curve = read_run(run_dir, label, args.tag)
@@ -485,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "in the directory name); left out of the compute plot", file=sys.stderr)
         curves.append(curve)
         fids += read_run_fids(run_dir, curve)
+        evals.append(scaling_eval.RunEvals.read(run_dir, curve))
     curves.sort(key=_curve_order)
 
     os.makedirs(args.out, exist_ok=True)
@@ -500,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_fid(os.path.join(args.out, "fid_vs_gflops.png"), fids)
         rows = write_fid_csv(os.path.join(args.out, "fid.csv"), fids)
         written += ["fid_vs_gflops.png", f"fid.csv ({rows} rows)"]
+    written += scaling_eval.report(args.out, evals)
     for c in curves:
         if c.steps.size:
             last = effective_window(args.smooth)
