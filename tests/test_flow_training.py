@@ -189,9 +189,11 @@ def test_guidance_interval_reaches_every_sampler(name):
     empty = (0.1, 0.2) if kind == "flow" else _interval_between_used_steps(
         tiny_config(kind, name))
     nowhere = draw(tiny_config(kind, name, cfg_scale=3.0, guidance_interval=empty))
-    np.testing.assert_array_equal(everywhere, guided)
-    np.testing.assert_array_equal(nowhere, unguided)
-    assert np.abs(guided - unguided).max() > 1e-4
+    # Equal up to float rounding: the interval's branch compiles to differently fused code.
+    scale = np.abs(guided).max()
+    np.testing.assert_allclose(everywhere, guided, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(nowhere, unguided, rtol=1e-4, atol=1e-5 * scale)
+    assert np.abs(guided - unguided).max() > 1e-2 * scale
 
 
 def test_guidance_interval_is_checked():
