@@ -200,3 +200,19 @@ def test_guidance_interval_is_checked():
     config = tiny_config("flow", "euler", guidance_interval=(0.7, 0.2))
     with pytest.raises(ValueError, match=r"config.sampling.guidance_interval"):
         sample_lib.Settings.from_config(config)
+
+
+def test_sampling_overrides_reach_the_flow_settings():
+    saved = tiny_config("flow", "heun").to_dict()
+    config = sample_lib.apply_overrides(saved, {
+        "sampling.sampler": "euler_maruyama", "sampling.num_steps": 30,
+        "sampling.guidance_interval": (0.2, 0.9), "sampling.sde.last_step": "none",
+        "sampling.sde.diffusion_form": "linear"})
+    s = sample_lib.Settings.from_config(config)
+    assert (s.sampler, s.num_steps, s.guidance_interval) == ("euler_maruyama", 30, (0.2, 0.9))
+    assert s.sde == ("linear", 1.0, None, 0.04)
+    assert saved["sampling"]["sde"]["last_step"] == "mean"  # the saved config is left alone
+    assert "sde" not in sample_lib.Settings.from_config(saved).record()
+    with pytest.raises(ValueError, match=r"config.sampling.sampler='ddim50'.*kind='flow'"):
+        sample_lib.Settings.from_config(sample_lib.apply_overrides(
+            saved, {"sampling.sampler": "ddim50"}))

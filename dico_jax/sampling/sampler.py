@@ -48,7 +48,7 @@ class Settings:
         num_samples = int(s.get("num_samples", 50_000))
         sampler, respacing = resolve_sampler(s.get("sampler", "ddpm"), s.get("respacing"))
         guidance = s.get("guidance_channels", 3)
-        check_sampler(config, sampler)
+        check_sampler(config, sampler, str(s.get("sampler", "ddpm")))
         flow = SAMPLERS[sampler].objective == "flow"
         num_steps = int(s.get("num_steps", 50)) if flow else 0
         if flow and num_steps < 1:
@@ -108,14 +108,15 @@ def parse_interval(value) -> tuple[float, float] | None:
     return low, high
 
 
-def check_sampler(config: Mapping[str, Any], sampler: str) -> None:
-    """Refuses a sampler of the other objective than the run's `config.diffusion.kind`."""
+def check_sampler(config: Mapping[str, Any], sampler: str, given: str | None = None) -> None:
+    """Refuses a sampler (a SAMPLERS name; `given`: as the config wrote it, e.g. "ddim50")
+    of the other objective than the run's `config.diffusion.kind`."""
     kind = builders.diffusion_kind(config)
     objective = SAMPLERS[sampler].objective
     if objective != kind:
         fitting = ", ".join(k for k, v in SAMPLERS.items() if v.objective == kind)
         raise ValueError(
-            f"config.sampling.sampler={sampler!r} samples the {objective!r} objective, but this "
+            f"config.sampling.sampler={given or sampler!r} samples the {objective!r} objective, but this "
             f"run was trained with config.diffusion.kind={kind!r}: use one of {fitting}")
 
 
