@@ -116,8 +116,8 @@ def check_sampler(config: Mapping[str, Any], sampler: str, given: str | None = N
     if objective != kind:
         fitting = ", ".join(k for k, v in SAMPLERS.items() if v.objective == kind)
         raise ValueError(
-            f"config.sampling.sampler={given or sampler!r} samples the {objective!r} objective, but this "
-            f"run was trained with config.diffusion.kind={kind!r}: use one of {fitting}")
+            f"config.sampling.sampler={given or sampler!r} samples the {objective!r} objective, "
+            f"but this run was trained with config.diffusion.kind={kind!r}: use one of {fitting}")
 
 
 def parse_labels(text: str | Sequence[int] | None, num_classes: int) -> tuple[int, ...] | None:
