@@ -121,18 +121,53 @@ def get_config() -> ml_collections.ConfigDict:
     # Image resolution; the latents are resolution / 8 (SD VAE) per side.
     config.resolution = 256
 
+    # The objective: "ddpm" (the official DiCo/DiT one) or "flow" (flow matching, SiT's
+    # interpolants; dico_jax/diffusion/flow.py). Flow matching learns no variance: set
+    # learn_sigma=False with it (the network then outputs in_channels).
     config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.kind = "ddpm"
     config.diffusion.steps = 1000
     config.diffusion.noise_schedule = "linear"
     config.diffusion.learn_sigma = True
+    # kind="flow": the path ("linear", "gvp"), what the network predicts ("velocity",
+    # "noise", "score"), the training-time distribution ("uniform", or "logit_normal" with
+    # logit_mean / logit_std, t = 1 being data), SD3's time shift (> 1 moves time towards
+    # noise; also applied to the sampler's time grid), and SiT's eps (None: 0 for velocity,
+    # 1e-3 for noise and score).
+    config.diffusion.flow = ml_collections.ConfigDict()
+    config.diffusion.flow.path = "linear"
+    config.diffusion.flow.prediction = "velocity"
+    config.diffusion.flow.time_sampling = "uniform"
+    config.diffusion.flow.logit_mean = 0.0
+    config.diffusion.flow.logit_std = 1.0
+    config.diffusion.flow.shift = 1.0
+    config.diffusion.flow.train_eps = config_dict.placeholder(float)
+    config.diffusion.flow.sample_eps = config_dict.placeholder(float)
 
     # Sampling: the FID protocol (250 ancestral steps, EMA weights, CFG on 3 eps channels);
     # the training-time grids use the same settings with `grid_per_class` images per class.
+    # Samplers (dico_jax.diffusion.SAMPLERS): "ddpm", "ddim" or "ddimN" for kind="ddpm",
+    # which take `respacing` (the kept DDPM steps); "euler", "heun" (ODE) or "euler_maruyama"
+    # (SDE) for kind="flow", which take `num_steps` (solver steps; Heun evaluates the network
+    # twice per step, Euler-Maruyama counts its last step among them).
     config.sampling = ml_collections.ConfigDict()
-    config.sampling.sampler = "ddpm"  # a name in dico_jax.diffusion.SAMPLERS, or "ddimN"
+    config.sampling.sampler = "ddpm"
     config.sampling.respacing = "250"
+    config.sampling.num_steps = 50
     config.sampling.cfg_scale = 1.5
     config.sampling.guidance_channels = 3
+    # Guidance only for flow times low <= t <= high (0 noise, 1 data), for every sampler: the
+    # DDPM/DDIM ones guide the steps of matching signal-to-noise ratio (on the flow path of
+    # config.diffusion.flow, linear by default). Empty: guidance at every step.
+    config.sampling.guidance_interval = ()
+    # Euler-Maruyama: SiT's diffusion coefficient ("sigma", "SBDM", "constant", "linear",
+    # "decreasing", "increasing-decreasing") times `diffusion_norm`, and the deterministic
+    # last step ("mean", "euler" or "none") of size `last_step_size` that ends at t = 1.
+    config.sampling.sde = ml_collections.ConfigDict()
+    config.sampling.sde.diffusion_form = "sigma"
+    config.sampling.sde.diffusion_norm = 1.0
+    config.sampling.sde.last_step = "mean"
+    config.sampling.sde.last_step_size = 0.04
     config.sampling.num_samples = 50_000
     # Global batch of `python -m dico_jax.sample`, a multiple of the device count (0: 32 per
     # device), and its labels: "" for uniform random classes, or a comma list ("1,2,3") cycled.

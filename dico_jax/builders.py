@@ -11,8 +11,11 @@ from typing import Any, Mapping
 
 import optax
 
-from dico_jax.diffusion import GaussianDiffusion, create_diffusion
+from dico_jax.diffusion import FlowMatching, GaussianDiffusion, create_diffusion
 from dico_jax.models import DiCo, get_model
+
+# The training objectives `config.diffusion.kind` selects.
+DIFFUSION_KINDS = ("ddpm", "flow")
 
 
 def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -20,9 +23,34 @@ def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return section if section is not None else {}
 
 
+def diffusion_kind(config: Mapping[str, Any]) -> str:
+    """The training objective: "ddpm" (the official one, also for configs saved before the
+    field existed) or "flow" (flow matching)."""
+    kind = _section(config, "diffusion").get("kind", "ddpm") or "ddpm"
+    if kind not in DIFFUSION_KINDS:
+        raise ValueError(f"config.diffusion.kind={kind!r}: use one of "
+                         f"{', '.join(map(repr, DIFFUSION_KINDS))}")
+    return kind
+
+
 def learn_sigma(config: Mapping[str, Any]) -> bool:
-    """Whether the network predicts the variance too (the DDPM objective's default)."""
+    """Whether the network predicts the variance too (the DDPM objective's default; never
+    with flow matching, whose network outputs `in_channels`)."""
+    if diffusion_kind(config) == "flow":
+        return False
     return bool(_section(config, "diffusion").get("learn_sigma", True))
+
+
+def build_flow(config: Mapping[str, Any]) -> FlowMatching:
+    """The `FlowMatching` of `config.diffusion.flow` (for any kind: a DDPM run's guidance
+    interval is mapped to its steps through this path, linear by default)."""
+    f = _section(_section(config, "diffusion"), "flow")
+    eps = {k: (None if f.get(k) is None else float(f[k])) for k in ("train_eps", "sample_eps")}
+    return FlowMatching(path=f.get("path", "linear"), prediction=f.get("prediction", "velocity"),
+                        time_sampling=f.get("time_sampling", "uniform"),
+                        logit_mean=float(f.get("logit_mean", 0.0)),
+                        logit_std=float(f.get("logit_std", 1.0)),
+                        shift=float(f.get("shift", 1.0)), **eps)
 
 
 def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,9 +72,21 @@ def build_model(config: Mapping[str, Any], **overrides) -> DiCo:
     return get_model(_section(config, "model")["name"], **fields)
 
 
-def build_diffusion(config: Mapping[str, Any], respacing: str = "") -> GaussianDiffusion:
-    """The config's diffusion: every step for training (""), or respaced for sampling."""
+def build_diffusion(config: Mapping[str, Any], respacing: str = ""
+                    ) -> GaussianDiffusion | FlowMatching:
+    """The config's objective: for "ddpm" the diffusion with every step for training (""), or
+    respaced for sampling; for "flow" the `FlowMatching` (`respacing` does not apply)."""
     d = _section(config, "diffusion")
+    if diffusion_kind(config) == "flow":
+        model = _section(config, "model")
+        out_ch, in_ch = model.get("out_channels"), model.get("in_channels")
+        if out_ch is not None and in_ch is not None and int(out_ch) != int(in_ch):
+            # The training loop fills out_channels from config.diffusion.learn_sigma.
+            raise ValueError(
+                f"config.diffusion.kind='flow' predicts in_channels={in_ch} channels, but "
+                f"config.model.out_channels={out_ch}: set config.diffusion.learn_sigma=False "
+                "(flow matching learns no variance)")
+        return build_flow(config)
     return create_diffusion(respacing, noise_schedule=d.get("noise_schedule", "linear"),
                             learn_sigma=learn_sigma(config),
                             diffusion_steps=int(d.get("steps", 1000)))

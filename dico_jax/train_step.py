@@ -16,7 +16,7 @@ import ml_collections
 import optax
 
 from dico_jax import sharding as sharding_lib
-from dico_jax.diffusion import GaussianDiffusion
+from dico_jax.diffusion import FlowMatching, GaussianDiffusion
 
 Metrics = dict[str, jax.Array]
 
@@ -66,21 +66,32 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def step_draws(step_key: jax.Array, step: jax.Array, labels: jax.Array,
-               latent_shape: tuple[int, ...], num_timesteps: int, drop_prob: float
-               ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+               latent_shape: tuple[int, ...], diffusion: GaussianDiffusion | FlowMatching,
+               drop_prob: float) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Timesteps, noise and label-drop mask of every position of step `step`'s global batch.
 
     Drawn for the whole batch from fold_in(step_key, step), so they depend on the seed, the
     step and the position only: not on the devices, the processes or how the batch is cut
-    into micro-batches. The drop mask is None when the model has no null label.
+    into micro-batches. The timesteps are integer DDPM steps, or flow times in [0, 1] from
+    `FlowMatching.sample_time`, drawn from the same key. The drop mask is None when the model
+    has no null label.
     """
     key = jax.random.fold_in(step_key, step)
     t_key, noise_key, dropout_key = jax.random.split(key, 3)
     n = labels.shape[0]
-    t = jax.random.randint(t_key, (n,), 0, num_timesteps)
+    if isinstance(diffusion, FlowMatching):
+        t = diffusion.sample_time(t_key, n)
+    else:
+        t = jax.random.randint(t_key, (n,), 0, diffusion.num_timesteps)
     noise = jax.random.normal(noise_key, (n, *latent_shape), jnp.float32)
     drop = jax.random.uniform(dropout_key, (n,)) < drop_prob if drop_prob > 0 else None
     return t, noise, drop
+
+
+def loss_terms(diffusion: GaussianDiffusion | FlowMatching) -> tuple[str, ...]:
+    """The per-example terms besides "loss" that a step averages and reports: the DDPM
+    objective's "mse" and "vb" (its learned-variance bound), flow matching's "mse"."""
+    return ("mse",) if isinstance(diffusion, FlowMatching) else ("mse", "vb")
 
 
 def _micro_batches(tree: Any, k: int) -> Any:
@@ -97,19 +108,21 @@ def _micro_batches(tree: Any, k: int) -> Any:
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
-               diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
+               diffusion: GaussianDiffusion | FlowMatching, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule, ema_decay: float,
                step_key: jax.Array, grad_accum_steps: int = 1) -> tuple[TrainState, Metrics]:
-    """One AdamW step on the diffusion loss and the EMA update.
+    """One AdamW step on the diffusion loss (DDPM or flow matching) and the EMA update.
 
     The loss and gradient are those of the whole global batch; with `grad_accum_steps` = k
     they are accumulated over k micro-batches in a `lax.scan` (the activations of one
     micro-batch live at a time), with the same timesteps, noise and label drops
-    (`step_draws`). Returns the new state and scalar metrics.
+    (`step_draws`). Returns the new state and scalar metrics: "loss", the `loss_terms` of the
+    objective, "grad_norm" and "lr".
     """
     x, y = batch["latent"].astype(jnp.float32), batch["label"]
-    t, noise, drop = step_draws(step_key, state.step, y, x.shape[1:], diffusion.num_timesteps,
+    t, noise, drop = step_draws(step_key, state.step, y, x.shape[1:], diffusion,
                                 float(model.class_dropout_prob))
+    names = loss_terms(diffusion)
     micro = {"x": x, "y": y, "t": t, "noise": noise, "drop": drop}
 
     def loss_fn(params, m):
@@ -117,7 +130,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
             return model.apply({"params": params}, x_t, timesteps, m["y"],
                                force_drop=m["drop"])
         terms = diffusion.training_losses(model_fn, m["x"], m["t"], m["noise"])
-        return jnp.mean(terms["loss"]), {k: jnp.mean(terms[k]) for k in ("mse", "vb")}
+        return jnp.mean(terms["loss"]), {k: jnp.mean(terms[k]) for k in names}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum_steps == 1:
@@ -128,7 +141,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
             return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
 
         scalar = jnp.zeros((), jnp.float32)
-        zeros = (scalar, {"mse": scalar, "vb": scalar}, jax.tree.map(jnp.zeros_like, state.params))
+        zeros = (scalar, {k: scalar for k in names}, jax.tree.map(jnp.zeros_like, state.params))
         total, _ = jax.lax.scan(accumulate, zeros, _micro_batches(micro, grad_accum_steps))
         loss, terms, grads = jax.tree.map(lambda v: v / grad_accum_steps, total)
     with jax.named_scope("optimizer"):  # names the kernels in profiles and tools/roofline
@@ -139,8 +152,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
                                   state.ema_params, params)
     metrics = {
         "loss": loss,
-        "mse": terms["mse"],
-        "vb": terms["vb"],
+        **terms,
         "grad_norm": optax.global_norm(grads),
         "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
     }
@@ -149,7 +161,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
     return new_state, metrics
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: Any, diffusion: GaussianDiffusion,
+def make_train_step(config: ml_collections.ConfigDict, model: Any,
+                    diffusion: GaussianDiffusion | FlowMatching,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     shardings: TrainState, mesh: jax.sharding.Mesh) -> Callable:
     """`train_step` jitted with explicit shardings; the input state is donated."""

@@ -95,3 +95,23 @@ def test_digits_config_is_small_and_pixel_space():
     assert c.resolution == 8 and not c.data.random_flip
     assert tuple(c.model.depths) == (1, 1, 1, 1, 1) and c.model.hidden_size <= 64
     assert c.sample_at_end and c.sampling.guidance_channels == 1
+
+
+def test_digits_flow_config_and_the_objective_fields():
+    from dico_jax import builders
+    from dico_jax.diffusion import FlowMatching, GaussianDiffusion
+
+    c = parse(f"--config={DIGITS}:flow")
+    assert c.diffusion.kind == "flow" and not c.diffusion.learn_sigma
+    assert c.sampling.sampler in ("euler", "heun") and c.sampling.num_steps <= 50
+    assert c.num_train_steps == parse(f"--config={DIGITS}").num_train_steps
+    assert isinstance(builders.build_diffusion(c), FlowMatching) and not builders.learn_sigma(c)
+    assert isinstance(builders.build_diffusion(parse(f"--config={DIGITS}")), GaussianDiffusion)
+    c.model.in_channels, c.model.out_channels = 1, 2
+    with pytest.raises(ValueError, match=r"config.model.out_channels=2.*learn_sigma=False"):
+        builders.build_diffusion(c)
+    bad = parse(f"--config={DIGITS}", "--config.diffusion.kind=flows")
+    with pytest.raises(ValueError, match=r"config.diffusion.kind='flows'"):
+        builders.build_diffusion(bad)
+    with pytest.raises(Exception, match="unknown config arg"):
+        parse(f"--config={DIGITS}:flwo=1")

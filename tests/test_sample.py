@@ -167,8 +167,9 @@ def test_sampler_options():
     assert resolve_sampler("ddpm", "100") == ("ddpm", "100")
     with pytest.raises(ValueError, match="conflicts"):
         resolve_sampler("ddim50", "100")
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        resolve_sampler("euler")
+    assert resolve_sampler("heun", "250") == ("heun", "")  # flow samplers take num_steps
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        resolve_sampler("dpm")
 
 
 def test_bad_input_errors(workdir, tmp_path):

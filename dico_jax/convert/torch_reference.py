@@ -98,7 +98,8 @@ class Resample(nn.Module):
 
 
 class TorchDiCo(nn.Module):
-    def __init__(self, hidden_size, depths, mlp_ratio=2.0, in_channels=4, num_classes=1000):
+    def __init__(self, hidden_size, depths, mlp_ratio=2.0, in_channels=4, num_classes=1000,
+                 learn_sigma=True):
         super().__init__()
         C = hidden_size
         self.x_embedder = Patch(in_channels, C)
@@ -118,7 +119,8 @@ class TorchDiCo(nn.Module):
         self.up2_1 = Resample(2 * C, 4 * C, up=True)
         self.reduce_chan_level1 = nn.Conv2d(2 * C, 2 * C, 1)
         self.decoder_level_1 = blocks(2 * C, depths[4])
-        self.final_layer = Final(2 * C, 2 * in_channels)
+        # As the official class: the variance channels only with learn_sigma.
+        self.final_layer = Final(2 * C, 2 * in_channels if learn_sigma else in_channels)
 
     def forward(self, x, t, y):
         e1, e2, e3 = self.y_embedder(y)

@@ -76,25 +76,52 @@ def create_diffusion(
     )
 
 
+def _ode_loop(solver):
+    def loop(flow, velocity_fn, noise, rng, *, num_steps: int, shift: float = 1.0, **_):
+        del rng  # deterministic
+        t0, t1 = flow.ode_interval()
+        return solver(velocity_fn, noise, num_steps, t0=t0, t1=t1, shift=shift)
+    return loop
+
+
+def _sde_loop(flow, velocity_fn, noise, rng, *, num_steps: int, shift: float = 1.0,
+              diffusion_form: str = "sigma", diffusion_norm: float = 1.0,
+              last_step: str | None = "mean", last_step_size: float = 0.04):
+    return euler_maruyama_sample(
+        rng, velocity_fn, noise, num_steps, score_from_velocity=flow.score_from_velocity,
+        diffusion_fn=lambda t: flow.diffusion_coefficient(t, diffusion_form, diffusion_norm),
+        t0=flow.sde_start(diffusion_form), last_step=last_step, last_step_size=last_step_size,
+        shift=shift)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """How to run one sampler: `loop(diffusion, model_fn, noise, rng) -> x_0`, and the prefix
-    its respacing takes (DDIM strides the kept steps evenly: "ddim50")."""
+    """How to run one sampler, and for which objective (`config.diffusion.kind`).
+
+    "ddpm" samplers: `loop(diffusion, model_fn, noise, rng) -> x_0`, with the prefix their
+    respacing takes (DDIM strides the kept steps evenly: "ddim50"). "flow" samplers:
+    `loop(flow, velocity_fn, noise, rng, *, num_steps, shift, **sde_options) -> x_1`.
+    """
 
     loop: Callable
     respacing_prefix: str = ""
+    objective: str = "ddpm"
 
 
-# Every sampler the sampling commands and the training grids accept, by name.
+# Every sampler the sampling commands, the training grids and the benchmark accept, by name.
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(p_sample_loop),
     "ddim": Sampler(ddim_sample_loop, respacing_prefix="ddim"),
+    "euler": Sampler(_ode_loop(euler_sample), objective="flow"),
+    "heun": Sampler(_ode_loop(heun_sample), objective="flow"),
+    "euler_maruyama": Sampler(_sde_loop, objective="flow"),
 }
 
 
 def resolve_sampler(sampler: str, respacing: str | int | None = None) -> tuple[str, str]:
     """(name in SAMPLERS, respacing for `create_diffusion`) from a sampler setting ("ddpm",
     "ddim" or "ddimN", the last fixing N steps) and a respacing ("250"; None: "250" or N).
+    The flow samplers take no respacing (their step count is separate): "" comes back.
 
     A respacing that disagrees with the steps of "ddimN" is an error rather than a silent
     choice of one of them.
@@ -110,6 +137,8 @@ def resolve_sampler(sampler: str, respacing: str | int | None = None) -> tuple[s
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(sorted(SAMPLERS))}, "
                          "or ddimN for N DDIM steps")
+    if SAMPLERS[name].objective == "flow":
+        return name, ""
     respacing = "250" if respacing is None else str(respacing)
     prefix = SAMPLERS[name].respacing_prefix
     if prefix and not respacing.startswith(prefix):

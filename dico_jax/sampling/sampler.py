@@ -14,7 +14,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from dico_jax import builders
 from dico_jax.data import spec as data_spec
-from dico_jax.diffusion import SAMPLERS, guided_model_fn, resolve_sampler
+from dico_jax.diffusion import SAMPLERS, guided_model_fn, named_beta_schedule, resolve_sampler
 
 BATCH_AXIS = "batch"
 DEFAULT_PER_DEVICE_BATCH = 32
@@ -35,6 +35,10 @@ class Settings:
     respacing: str
     labels: tuple[int, ...] | None  # None: uniform random over the classes
     dtype: str = "float32"
+    num_steps: int = 0  # flow samplers' steps (0 for the DDPM ones, which take `respacing`)
+    guidance_interval: tuple[float, float] | None = None  # flow times; None: every step
+    # Euler-Maruyama: (diffusion form, its norm, last step or None, last step size).
+    sde: tuple[str, float, str | None, float] = ("sigma", 1.0, "mean", 0.04)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], num_devices: int = 1) -> "Settings":
@@ -44,6 +48,16 @@ class Settings:
         num_samples = int(s.get("num_samples", 50_000))
         sampler, respacing = resolve_sampler(s.get("sampler", "ddpm"), s.get("respacing"))
         guidance = s.get("guidance_channels", 3)
+        check_sampler(config, sampler, str(s.get("sampler", "ddpm")))
+        flow = SAMPLERS[sampler].objective == "flow"
+        num_steps = int(s.get("num_steps", 50)) if flow else 0
+        if flow and num_steps < 1:
+            raise ValueError(f"config.sampling.num_steps={num_steps}: must be >= 1")
+        sde = dict(s.get("sde") or {})
+        last_step = sde.get("last_step", "mean")
+        sde = (str(sde.get("diffusion_form", "sigma")), float(sde.get("diffusion_norm", 1.0)),
+               None if last_step in (None, "", "none") else str(last_step),
+               float(sde.get("last_step_size", 0.04)))
         labels = s.get("labels", "")
         if labels:  # checked only when given: a training config may not know its classes yet
             labels = parse_labels(labels, int(config["model"]["num_classes"]))
@@ -55,14 +69,55 @@ class Settings:
             guidance_channels=None if guidance is None else int(guidance),
             sampler=sampler, respacing=respacing,
             labels=labels or None,
-            dtype=str(config.get("dtype", "float32")))
+            dtype=str(config.get("dtype", "float32")), num_steps=num_steps,
+            guidance_interval=parse_interval(s.get("guidance_interval")),
+            sde=sde if sampler == "euler_maruyama" else cls.sde)
 
     def record(self) -> dict:
         """What decides the content of each batch (checked when resuming)."""
         out = dataclasses.asdict(self)
         del out["num_samples"]  # batch b is the same whatever the total
         out["labels"] = list(self.labels) if self.labels is not None else "random"
+        out["sde"] = list(self.sde)
+        # Fields that do not apply are left out: records of runs before they existed match.
+        if SAMPLERS[self.sampler].objective != "flow":
+            del out["num_steps"]
+        if self.sampler != "euler_maruyama":
+            del out["sde"]
+        if self.guidance_interval is None:
+            del out["guidance_interval"]
+        else:
+            out["guidance_interval"] = list(self.guidance_interval)
         return out
+
+
+def parse_interval(value) -> tuple[float, float] | None:
+    """`config.sampling.guidance_interval`: empty/None for none, else (low, high) in [0, 1]."""
+    if value is None or value == "" or len(value) == 0:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config.sampling.guidance_interval={value!r}: expected (low, high) "
+                         "flow times") from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"config.sampling.guidance_interval=({low}, {high}): need "
+                         "0 <= low <= high <= 1 (flow time: 0 noise, 1 data)")
+    return low, high
+
+
+def check_sampler(config: Mapping[str, Any], sampler: str, given: str | None = None) -> None:
+    """Refuses a sampler (a SAMPLERS name; `given`: as the config wrote it, e.g. "ddim50")
+    of the other objective than the run's `config.diffusion.kind`."""
+    kind = builders.diffusion_kind(config)
+    objective = SAMPLERS[sampler].objective
+    if objective != kind:
+        fitting = ", ".join(k for k, v in SAMPLERS.items() if v.objective == kind)
+        raise ValueError(
+            f"config.sampling.sampler={given or sampler!r} samples the {objective!r} objective, "
+            f"but this run was trained with config.diffusion.kind={kind!r}: use one of {fitting}")
 
 
 def parse_labels(text: str | Sequence[int] | None, num_classes: int) -> tuple[int, ...] | None:
@@ -160,16 +215,32 @@ def make_sample_fn(model: Any, settings: Settings, latent_shape: Sequence[int], 
                    config: Mapping[str, Any], noise_sharding: Any = None) -> Callable:
     """`sample(params, labels, key) -> float samples (len(labels), *latent_shape)`, unjitted.
 
-    The noise comes from the first half of `key`, the sampler's own randomness from the
-    second. Classifier-free guidance at `settings.cfg_scale` on the first
-    `settings.guidance_channels` channels (all when None).
+    The one dispatch of `settings.sampler` (diffusion.SAMPLERS) for every caller. The noise
+    comes from the first half of `key`, the sampler's own randomness from the second.
+    Classifier-free guidance at `settings.cfg_scale` on the first `settings.guidance_channels`
+    channels (all when None), limited to `settings.guidance_interval` (flow times) when set:
+    the flow samplers guide at the flow times inside it, the DDPM/DDIM ones at the original
+    steps of matching signal-to-noise ratio (`FlowMatching.ddpm_step_interval`).
     """
-    diffusion = builders.build_diffusion(config, settings.respacing)
-    loop = SAMPLERS[settings.sampler].loop
+    check_sampler(config, settings.sampler)
+    entry = SAMPLERS[settings.sampler]
     channels = int(latent_shape[-1])
     guidance = (None if settings.guidance_channels is None
                 else min(settings.guidance_channels, channels))
     cfg_scale = float(settings.cfg_scale)
+    flow = builders.build_flow(config)
+    if entry.objective == "flow":
+        options = {"num_steps": int(settings.num_steps), "shift": flow.shift}
+        if settings.sampler == "euler_maruyama":
+            form, norm, last_step, last_size = settings.sde
+            options.update(diffusion_form=form, diffusion_norm=norm, last_step=last_step,
+                           last_step_size=last_size)
+        interval = settings.guidance_interval
+    else:
+        diffusion = builders.build_diffusion(config, settings.respacing)
+        interval = settings.guidance_interval
+        if interval is not None:
+            interval = flow.ddpm_step_interval(*interval, _unrespaced_alphas_cumprod(config))
 
     def sample(params, labels, key):
         noise_key, loop_key = jax.random.split(key)
@@ -177,11 +248,23 @@ def make_sample_fn(model: Any, settings: Settings, latent_shape: Sequence[int], 
         if noise_sharding is not None:
             noise = jax.lax.with_sharding_constraint(noise, noise_sharding)
         apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)  # noqa: E731
+        if entry.objective == "flow":
+            velocity_fn = flow.guided_velocity_fn(apply_fn, labels, cfg_scale,
+                                                  null_label=model.num_classes,
+                                                  guidance_channels=guidance, interval=interval)
+            return entry.loop(flow, velocity_fn, noise, loop_key, **options)
         model_fn = guided_model_fn(apply_fn, labels, cfg_scale, null_label=model.num_classes,
-                                   guidance_channels=guidance)
-        return loop(diffusion, model_fn, noise, loop_key)
+                                   guidance_channels=guidance, interval=interval)
+        return entry.loop(diffusion, model_fn, noise, loop_key)
 
     return sample
+
+
+def _unrespaced_alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
+    """abar of every original DDPM step (the index a DDPM model_fn sees)."""
+    d = config.get("diffusion") or {}
+    betas = named_beta_schedule(d.get("noise_schedule", "linear"), int(d.get("steps", 1000)))
+    return np.cumprod(1.0 - betas)
 
 
 def batch_key(seed, batch_index) -> jax.Array:

@@ -93,7 +93,12 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
         if isinstance(value, tuple):
             value = list(value)
         if path.startswith("sampling."):
-            config["sampling"][path.split(".", 1)[1]] = value
+            *parents, leaf = path.split(".")[1:]
+            node = config["sampling"]
+            for name in parents:  # a nested section (sampling.sde.*), copied before it changes
+                node[name] = dict(node.get(name) or {})
+                node = node[name]
+            node[leaf] = value
         else:
             config[path] = value
     sampler = overrides.get("sampling.sampler")

@@ -6,8 +6,9 @@
 
 For every (model, dtype): compile time of the full train step (loss, backward, AdamW, EMA),
 steady-state train images/s, TFLOP/s and MFU (3 x XLA's forward FLOPs per image against the
-chip's bf16 peak), forward images/s, peak device memory, and the guided ancestral sampler's
-images/s. With --torch, the PyTorch reference DiCo (eager; fp32 and bf16 autocast) is timed
+chip's bf16 peak), forward images/s, peak device memory, and the images/s of guided sampling
+with the project's sampler (`sampling.sampler.make_sample_fn`): DDPM-250 (ancestral), and the
+flow-matching Euler-50 and Heun-25 (50 network evaluations each). With --torch, the PyTorch reference DiCo (eager; fp32 and bf16 autocast) is timed
 in the same process and the ratios are printed beside the absolute numbers. Warm-up runs are
 excluded; each figure is the median of --repeats timed runs. `--profile DIR` also traces
 three train steps per row and prints device time by op kind (`dico_jax.tools.profile_summary`).
@@ -30,7 +31,7 @@ import numpy as np
 import optax
 
 from dico_jax import host_memory
-from dico_jax.diffusion import create_diffusion, guided_model_fn
+from dico_jax.diffusion import create_diffusion
 from dico_jax.models import check_norm_impl, forward_flops_per_image, get_model
 from dico_jax.chips import peak_flops_per_chip
 from dico_jax.train_step import create_train_state, train_step
@@ -92,11 +93,13 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
             profile_dir, f"{name}_{dtype}_{depthwise}_{norm}_{'scan' if scan else 'loop'}_{remat}_b{batch}"),
             dtype=dtype, batch=batch)
     params = holder["state"].params
-    fwd_s = sample_s = None
+    fwd_s = None
+    sample_rates = {key: None for key, _, _ in SAMPLER_ROWS}
     if "forward" in parts:
         fwd_s = _time_forward(model, params, fwd_batch, shape, rng, repeats)
     if "sample" in parts:
-        sample_s = _time_sampler(model, params, sample_batch, sample_steps, shape, rng, repeats)
+        sample_rates = _time_samplers(name, model, params, sample_batch, sample_steps, shape, rng,
+                                      repeats)
     device = jax.devices()[0]
     train_ips = batch / train_s
     try:
@@ -110,8 +113,9 @@ def bench_jax(name: str, dtype: str, batch: int, fwd_batch: int, res: int, repea
         "compile_s": compile_s, "train_img_s": train_ips, "train_tflops": tflops,
         "mfu": None if tflops is None else tflops * 1e12 / peak_flops_per_chip(device.device_kind, cpu_peak),
         "fwd_img_s": None if fwd_s is None else fwd_batch / fwd_s,
-        # Images per second of a full 250-step guided run, from `sample_steps` timed steps.
-        "sample250_img_s": None if sample_s is None else sample_batch / (sample_s * 250 / sample_steps),
+        # Images per second of full guided runs (DDPM-250, Euler-50, Heun-25), each from
+        # `sample_steps` timed steps.
+        **sample_rates,
         "peak_mem_gib": peak_memory_gib(),
         "profile": profile,
     }
@@ -125,18 +129,47 @@ def _time_forward(model, params, fwd_batch, shape, rng, repeats) -> float:
     return median_seconds(lambda: fwd(params, x, t, y), repeats)
 
 
-def _time_sampler(model, params, sample_batch, sample_steps, shape, rng, repeats) -> float:
-    sampler = create_diffusion(str(sample_steps))
-    ys = jnp.asarray(rng.integers(0, 1000, sample_batch))
+# The sampler rows: (row key, sampler, steps of the full run it stands for). Heun's 25 steps
+# make 50 network evaluations, as many as Euler's 50.
+SAMPLER_ROWS = (("sample250_img_s", "ddpm", 250), ("euler50_img_s", "euler", 50),
+                ("heun25_img_s", "heun", 25))
 
-    @jax.jit
-    def sample(p, noise, key):
-        mf = guided_model_fn(lambda x, t, yy: model.apply({"params": p}, x, t, yy), ys, 1.5,
-                             null_label=model.null_label)
-        return sampler.p_sample_loop(mf, noise, key)
 
-    noise = jnp.asarray(rng.standard_normal((sample_batch, *shape)), jnp.float32)
-    return median_seconds(lambda: sample(params, noise, jax.random.key(2)), max(1, repeats // 3))
+def _sampler_config(name: str, kind: str) -> dict:
+    return {"model": {"name": name}, "seed": 0,
+            "diffusion": {"kind": kind, "learn_sigma": kind == "ddpm"}}
+
+
+def _time_samplers(name, model, params, sample_batch, sample_steps, shape, rng, repeats) -> dict:
+    """Images/s of each SAMPLER_ROWS sampler with guidance (scale 1.5, first 3 channels), as
+    `sampling.sampler.make_sample_fn` runs it: `sample_steps` steps are timed and the rate of
+    the full run is extrapolated per step. The flow samplers run the same network with
+    `in_channels` outputs (flow matching learns no variance), freshly initialized."""
+    from dico_jax.sampling.sampler import Settings, make_sample_fn
+
+    ys = jnp.asarray(rng.integers(0, model.num_classes, sample_batch), jnp.int32)
+    flow_model = model.clone(out_channels=model.in_channels)
+    flow_params = None
+    out = {}
+    for key, sampler, full_steps in SAMPLER_ROWS:
+        flow = sampler != "ddpm"
+        net = flow_model if flow else model
+        if flow and flow_params is None:
+            x = jnp.zeros((1, *shape), jnp.float32)
+            flow_params = jax.jit(net.init)({"params": jax.random.key(0)}, x,
+                                            jnp.zeros((1,), jnp.float32),
+                                            jnp.zeros((1,), jnp.int32))["params"]
+        settings = Settings(num_samples=sample_batch, batch_size=sample_batch, seed=0,
+                            cfg_scale=1.5, guidance_channels=3, sampler=sampler,
+                            respacing="" if flow else str(sample_steps), labels=None,
+                            num_steps=sample_steps if flow else 0)
+        draw = jax.jit(make_sample_fn(net, settings, shape,
+                                      config=_sampler_config(name, "flow" if flow else "ddpm")))
+        weights = flow_params if flow else params
+        seconds = median_seconds(lambda: draw(weights, ys, jax.random.key(2)),
+                                 max(1, repeats // 3))
+        out[key] = sample_batch / (seconds * full_steps / sample_steps)
+    return out
 
 
 def profile_train_step(run_step: Callable[[], Any], compiled, out_dir: str, steps: int = 3,
@@ -247,7 +280,8 @@ def print_table(rows: list[dict], host_memory_retained: bool = False) -> None:
           f"{time.strftime('%Y-%m-%d')}"
           + (", host allocator keeps freed memory (dico_jax.host_memory)" if host_memory_retained else ""))
     head = (f"{'impl':5} {'model':8} {'dtype':9} {'dwconv':6} {'norm':6} {'blocks':11} {'batch':>5} {'compile s':>9} {'train img/s':>11} "
-            f"{'TFLOP/s':>8} {'MFU':>6} {'fwd img/s':>10} {'250-step img/s':>14} {'peak GiB':>8} "
+            f"{'TFLOP/s':>8} {'MFU':>6} {'fwd img/s':>10} {'DDPM250 img/s':>13} "
+            f"{'Euler50 img/s':>13} {'Heun25 img/s':>12} {'peak GiB':>8} "
             f"{'train x torch':>13} {'fwd x torch':>11}")
     print(head)
     for r in rows:
@@ -255,7 +289,8 @@ def print_table(rows: list[dict], host_memory_retained: bool = False) -> None:
         print(f"{r['impl']:5} {r['model']:8} {r['dtype']:9} {r.get('depthwise', '-'):6} {r.get('norm', '-'):6} {blocks:11} {r['batch']:5d} "
               f"{fmt(r.get('compile_s'), '9.1f')} {fmt(r['train_img_s'], '11.2f')} "
               f"{fmt(r.get('train_tflops'), '8.3f')} {fmt(r.get('mfu'), '6.1%')} "
-              f"{fmt(r.get('fwd_img_s'), '10.2f')} {fmt(r.get('sample250_img_s'), '14.3f')} "
+              f"{fmt(r.get('fwd_img_s'), '10.2f')} {fmt(r.get('sample250_img_s'), '13.3f')} "
+              f"{fmt(r.get('euler50_img_s'), '13.3f')} {fmt(r.get('heun25_img_s'), '12.3f')} "
               f"{fmt(r.get('peak_mem_gib'), '8.2f')} {fmt(r.get('train_vs_torch'), '13.2f')} "
               f"{fmt(r.get('fwd_vs_torch'), '11.2f')}")
 
@@ -269,7 +304,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--res", type=int, default=32, help="latent height/width (32 = 256px)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sample-steps", type=int, default=5,
-                    help="sampler steps timed (the 250-step rate is extrapolated)")
+                    help="sampler steps timed (the rates of DDPM-250, Euler-50 and Heun-25 "
+                         "are extrapolated)")
     ap.add_argument("--sample-batch", type=int, default=None)
     ap.add_argument("--remat", default="none")
     ap.add_argument("--unrolled", action="store_true",
