@@ -112,6 +112,10 @@ def test_corrupted_shard_names_the_file_and_record(tmp_path):
     _corrupt_middle(tmp_path / name, manifest, manifest.shards[1])
     with pytest.raises(records.DataFormatError, match=f"shard .*{name} record \\d+ cannot be read"):
         records.validate_dataset(str(tmp_path), deep=True)
+    # Training names the shard and record too, wherever the damaged record falls in a batch.
+    it = pipeline.create_train_iterator(str(tmp_path), global_batch_size=96, seed=0)
+    with pytest.raises(records.DataFormatError, match=f"shard .*{name} record \\d+ cannot be read"):
+        next(it)
     proc = subprocess.run([sys.executable, "-m", "dico_jax.data.records", str(tmp_path), "--deep"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -65,9 +65,12 @@ class ReadLatentBatch(grain.transforms.RandomMap):
         out = np.empty((parts, size, *m.latent_shape), np.float32)
         labels = np.empty(size, np.int32)
         item, part, nbytes, label_at = self._dtype.itemsize, self._part_size, m.record_nbytes, records.HEADER_SIZE - 4
-        # Reading in file order costs a third of the CPU time of shuffled order (measured).
+        # Reading in file order costs far less CPU time than shuffled order.
         for i in np.argsort(indices):
-            record = self.source[int(indices[i])]
+            try:
+                record = self.source[int(indices[i])]
+            except Exception as err:  # noqa: BLE001 - the reader names neither file nor record
+                raise records.damaged(self._where(int(indices[i])), err) from err
             if len(record) != nbytes or record[:label_at] != self._prefix:
                 records.check_record(record, m, self._where(int(indices[i])))
             labels[i] = int.from_bytes(record[label_at : records.HEADER_SIZE], "little", signed=True)
