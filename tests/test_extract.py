@@ -235,3 +235,21 @@ def test_cli_encodes_with_the_stable_diffusion_vae(image_tree, tmp_path, capsys)
         dist = vae.encode(torch.from_numpy(crop).permute(2, 0, 1)[None]).latent_dist
     np.testing.assert_allclose(views[0, 0], dist.mean[0].permute(1, 2, 0).numpy(), atol=2e-3, rtol=2e-3)
     np.testing.assert_allclose(views[0, 1], dist.logvar[0].permute(1, 2, 0).numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_command_line_mistakes_are_one_line(tmp_path):
+    """A representative mistake on the file-reading commands: one line, exit status 2."""
+    import subprocess
+    import sys
+
+    commands = {
+        "dico_jax.data.extract": ["--source", f"folder:{tmp_path / 'missing'}", "--vae-weights",
+                                  str(tmp_path / "vae.safetensors"), "--out", str(tmp_path / "o")],
+        "dico_jax.tools.roofline": [str(tmp_path / "missing.hlo")],
+    }
+    for module, args in commands.items():
+        done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2, (module, done.stderr[-2000:])
+        last = done.stderr.strip().splitlines()[-1]
+        assert "error: " in last and "missing" in last and "Traceback" not in done.stderr, last
