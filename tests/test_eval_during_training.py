@@ -225,7 +225,7 @@ def test_latent_run_without_evaluation_files_fails_at_start(tmp_path):
         grid.check_grid_config(config, data_spec.from_config(config))
 
 
-@pytest.mark.slow
+@pytest.mark.long  # two Inception compilations; the digits evaluation covers the loop by default
 def test_latent_evaluation_end_to_end_on_random_networks(tmp_path):
     import jax.numpy as jnp
 

@@ -177,7 +177,10 @@ def _interval_between_used_steps(config):
     return flow_time(used[1] - 1), flow_time(used[0] + 1)
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# One ODE and one DDPM sampler by default; the others compile the same guidance path.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long)
+                                  if n in ("ddim", "heun", "euler_maruyama") else n
+                                  for n in sorted(SAMPLERS)])
 def test_guidance_interval_reaches_every_sampler(name):
     """(0, 1) guides every step; an interval holding none of the sampler's evaluation times
     gives the unguided (cfg 1) samples; guidance does change them."""

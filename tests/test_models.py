@@ -208,6 +208,7 @@ def test_depthwise_input_bias_equals_convolving_the_sum(impl):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.long  # all depthwise, scan, remat and norm variants against each other (slow)
 def test_variants_agree_depthwise_scan_remat():
     """shift vs conv depthwise, Python loop vs scan, remat, the Pallas layer norms (through
     Pallas's interpreter here): same function, same gradient."""

@@ -23,10 +23,15 @@ from configs import default as default_config
 from dico_jax import errors, runtime
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (its checkpoints/ and saved config).")
-flags.DEFINE_list("steps", None, "Only these checkpoint steps (default: every kept one).")
-config_flags.DEFINE_config_dict("config", default_config.get_config(), lock_config=True)
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs: importing `evaluate_run` as a library
+    (beside another command's `--config`) defines none."""
+    flags.DEFINE_string("workdir", None, "Training workdir (its checkpoints/ and saved config).")
+    flags.DEFINE_list("steps", None, "Only these checkpoint steps (default: every kept one).")
+    config_flags.DEFINE_config_dict("config", default_config.get_config(), lock_config=True)
+    flags.mark_flags_as_required(["workdir"])
 
 _OVERRIDABLE = ("eval.", "vae_weights", "seed", "dtype")
 
@@ -99,4 +104,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
