@@ -53,8 +53,17 @@ def cli(tool: str, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]
         print(line, file=sys.stderr, flush=True)
         runtime = sys.modules.get("dico_jax.runtime")
         if runtime is not None and runtime._WATCH is not None:
-            # Several processes: the others learn of it and stop; leave without the runtime's
-            # shutdown, which would wait for them.
+            # Several processes: the others learn of it and stop.
             runtime.report_failure(line)
+        if _running_as_command():
+            # Leave at once: the interpreter's shutdown would wait for the other processes,
+            # and background threads (Orbax's) could print over the message as they stop.
+            sys.stderr.flush()
             os._exit(EXIT_USER_ERROR)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def _running_as_command() -> bool:
+    """True in a `python -m dico_jax...` process (not when a test calls a command's main)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name.startswith("dico_jax.")
