@@ -52,19 +52,10 @@ def digits_run_config(**overrides):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for this module and its subprocesses."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    saved = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    cc.set_cache_dir(path)
-    yield {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    jax.config.update("jax_compilation_cache_dir", None)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)
-    cc.reset_cache()
+def _compile_once(compilation_cache):
+    """This module's runs and subprocesses share one compilation cache (conftest.py), set up
+    before any of them."""
+    yield compilation_cache
 
 
 @pytest.fixture(scope="module")

@@ -371,6 +371,17 @@ def _colors(curves: Sequence[LossCurve]) -> dict:
     return {key: palette(i % 10) for i, key in enumerate(keys)}
 
 
+def save_log_plot(fig, ax, path: str) -> None:
+    """The plots' common finish: grid on both log decades, legend, written and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_loss(path: str, curves: Sequence[LossCurve], window: int, x: str) -> None:
     """Loss against "step" or "flops"; official curves thin and solid, ours thick and dashed."""
     import matplotlib
@@ -402,11 +413,7 @@ def plot_loss(path: str, curves: Sequence[LossCurve], window: int, x: str) -> No
                  + (" (official: 1 point / 100 steps)" if any(c.source == "official"
                                                               for c in curves) else ""),
                  fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_log_plot(fig, ax, path)
 
 
 def plot_fid(path: str, points: Sequence[FidPoint]) -> None:
@@ -435,11 +442,7 @@ def plot_fid(path: str, points: Sequence[FidPoint]) -> None:
     ax.set_xlabel("forward GFLOP per image (paper: 2 x its GMACs; ours: as the run recorded)")
     ax.set_ylabel("FID (no guidance)")
     ax.set_title("FID against model compute")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_log_plot(fig, ax, path)
 
 
 # ------------------------------------------------------------------------------ CLI

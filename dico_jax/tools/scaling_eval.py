@@ -140,11 +140,7 @@ def plot_fid_vs_train_flops(path: str, runs: Sequence[RunEvals]) -> None:
     ax.set_xlabel("training compute (FLOPs = 3 x forward FLOPs/image x global batch x steps)")
     ax.set_ylabel("FID (no guidance)")
     ax.set_title("FID against training compute")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    scaling.save_log_plot(fig, ax, path)
 
 
 def table(runs: Sequence[RunEvals]) -> str:
