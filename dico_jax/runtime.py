@@ -299,10 +299,23 @@ class PeerWatch(threading.Thread):
             time.sleep(self.interval)
 
 
+def quiet_backends() -> None:
+    """JAX's notes on the backends it could not start (libtpu missing on a CPU host, at INFO)
+    and the gloo transport's notes on every connection of a CPU pod (C++ INFO logs, up to
+    32 lines per process) say nothing a user acts on: keep warnings and errors."""
+    from absl import logging as absl_logging
+
+    if absl_logging.get_verbosity() >= absl_logging.DEBUG:
+        return
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
 def start(orbax_level: int = logging.WARNING) -> None:
     """Start-up of a command: host memory (before the backend starts), logs, processes."""
+    quiet_backends()
     if host_memory.retain_freed_memory_on_cpu():
-        log.info("CPU backend: the host allocator keeps freed memory (dico_jax.host_memory)")
+        log.debug("CPU backend: the host allocator keeps freed memory (dico_jax.host_memory)")
     quiet_orbax(orbax_level)
     initialize_distributed()
     log.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(),

@@ -1,7 +1,7 @@
 """Class-conditional samples of a checkpoint, written as an ADM-style `.npz`.
 
     python -m dico_jax.sample --workdir=WORKDIR --out=samples.npz [--grid=grid.png]
-    python -m dico_jax.sample --checkpoint=CKPT_DIR --vae_weights=sd-vae-ft-ema/ \
+    python -m dico_jax.sample --checkpoint=CKPT_DIR --vae_weights=sd-vae-ft-ema/
         --out=samples.npz --config.sampling.num_samples=10000 --config.sampling.cfg_scale=1.5
 
 The sampling settings are those of the run's saved config (`config.sampling`, `seed`, `dtype`);
@@ -13,14 +13,15 @@ the parts are removed once OUT is written (`dico_jax.sampling.run`).
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from configs import default as default_config
-from dico_jax import errors, runtime, sampling
+from dico_jax import command, errors, runtime, sampling
 
+TOOL = "dico_jax.sample"
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint and config).")
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory (e.g. from dico_jax.convert).")
@@ -34,17 +35,23 @@ flags.DEFINE_integer("max_batches", None, "Stop after this many new batches (rer
 flags.DEFINE_bool("use_ema", True, "Sample from the EMA weights (--nouse_ema: the raw weights).")
 # The default config gives the override flags their types; only the fields given on the command
 # line are applied, onto the checkpoint's own config.
-config_flags.DEFINE_config_dict("config", default_config.get_config(), lock_config=True)
+command.define_config_dict(TOOL, "config", default_config.get_config(), "Overrides of the "
+                           "run's sampling settings: --config.sampling.FIELD=VALUE, --config.seed, "
+                           "--config.dtype.")
+flags.declare_key_flag("config")  # listed in --help
 flags.mark_flags_as_required(["out"])
 flags.mark_flags_as_mutual_exclusive(["workdir", "checkpoint"], required=True)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # checked by command.run
     # Every file this command opens is one the user named: a missing or unreadable one, like a
     # bad setting, is the user's to fix.
-    with errors.cli("dico_jax.sample", also=(OSError, ValueError, KeyError)):
+    with errors.cli(TOOL, also=(OSError, ValueError, KeyError)):
+        sampling.check_overrides(FLAGS["config"].override_values)
+        for flag in ("workdir", "checkpoint", "vae_weights"):
+            if FLAGS[flag].value and not os.path.exists(FLAGS[flag].value):
+                raise errors.MissingFile(f"--{flag} {FLAGS[flag].value}: no such file or folder")
         runtime.start(orbax_level=logging.ERROR)
         source = sampling.load_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                       step=FLAGS.step, use_ema=FLAGS.use_ema)
@@ -63,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    command.run(TOOL, main)

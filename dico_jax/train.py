@@ -58,11 +58,20 @@ def load_initial_weights(state: TrainState, directory: str, shardings: TrainStat
 # Data.
 
 
-def validate_config(config: ml_collections.ConfigDict,
-                    num_devices: int | None = None) -> None:
-    """Clear errors, before anything is built or compiled, for settings that would otherwise
-    fail deep inside the loop (`num_devices`: the devices of all processes, by default
-    `jax.device_count()`)."""
+def check_settings(config: ml_collections.ConfigDict) -> None:
+    """The checks of `validate_config` that need no devices: run by the entry points (training,
+    `tools.plan`, `launch/tpu.py`) before any start-up work."""
+    for field in ("resolution",):
+        if config[field] < 1:
+            raise UserError(f"config.{field} must be >= 1, got {config[field]}")
+    for field, low in (("num_samples", 1), ("batch_size", 0), ("grid_per_class", 0)):
+        value = config.sampling.get(field)
+        if value is not None and value < low:
+            raise UserError(f"config.sampling.{field} must be >= {low}, got {value}")
+    for field, low in (("num_samples", 1), ("batch_size", 0), ("every_steps", 0)):
+        value = config.eval.get(field)
+        if value is not None and value < low:
+            raise UserError(f"config.eval.{field} must be >= {low}, got {value}")
     for field in ("global_batch_size", "num_train_steps", "log_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps"):
         if config[field] < 1:
@@ -78,6 +87,20 @@ def validate_config(config: ml_collections.ConfigDict,
         raise UserError(f"config.ema_decay must lie in [0, 1], got {config.ema_decay}")
     if config.dtype not in ("float32", "bfloat16"):
         raise UserError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+
+
+def check_workdir(workdir: str) -> None:
+    """A workdir that exists as a file: one line, before anything starts."""
+    if epath.Path(workdir).is_file():
+        raise UserError(f"--workdir {workdir} is a file; give a folder (new or a run's)")
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int | None = None) -> None:
+    """Clear errors, before anything is built or compiled, for settings that would otherwise
+    fail deep inside the loop (`num_devices`: the devices of all processes, by default
+    `jax.device_count()`)."""
+    check_settings(config)
     try:
         check_norm_impl(config.model.get("norm_impl", "xla"), jax.default_backend(),
                         "config.model.norm_impl")

@@ -7,11 +7,12 @@ from dico_jax.sampling.run import SampleReport, generate
 from dico_jax.sampling.sampler import (Settings, batch_key, batch_labels, default_batch_size,
                                        make_sample_fn, make_sampler, parse_labels,
                                        sampling_mesh, sampling_model, to_uint8, to_uint8_images)
-from dico_jax.sampling.source import Source, apply_overrides, image_space, load_source
+from dico_jax.sampling.source import (Source, apply_overrides, check_overrides, image_space,
+                                     load_source)
 from dico_jax.sampling.vae import load_vae, vae_architecture
 
 __all__ = [
-    "SampleReport", "Settings", "Source", "apply_overrides", "batch_key", "batch_labels", "default_batch_size",
+    "SampleReport", "Settings", "Source", "apply_overrides", "batch_key", "check_overrides", "batch_labels", "default_batch_size",
     "generate", "image_grid", "image_space", "load_source", "load_vae", "make_grid_sampler",
     "make_sample_fn", "make_sampler", "parse_labels", "parts_dir", "sampling_mesh",
     "sampling_model", "to_uint8", "to_uint8_images", "vae_architecture", "write_grid",

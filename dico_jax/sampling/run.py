@@ -63,6 +63,10 @@ def generate(source: Source, settings: Settings, out: str, *, vae_weights: str |
     config = source.config
     num_classes = int(config["model"]["num_classes"])
     space = image_space(config, source.workdir)
+    if vae_weights and not space.vae:
+        raise ValueError(
+            f"--vae_weights {vae_weights}: this run's network generates pixels "
+            f"({space.latent_shape}), not VAE latents, so it uses no VAE; drop --vae_weights")
     if space.vae and not vae_weights:
         raise ValueError(
             f"the run's data are VAE latents ({space.latent_shape}); pass --vae_weights with the "

@@ -76,6 +76,27 @@ def load_source(*, workdir: str | None = None, checkpoint: str | None = None,
 
 # What may be overridden: the sampling settings, not the network the checkpoint holds.
 _OVERRIDABLE = ("sampling.", "seed", "dtype")
+# Override values that must be at least this (counts and sizes).
+_AT_LEAST = {"num_samples": 1, "num_steps": 1, "batch_size": 0, "grid_per_class": 0,
+             "grid_classes": 0, "every_steps": 0}
+
+
+def check_overrides(overrides: Mapping[str, Any], overridable: tuple[str, ...] = _OVERRIDABLE,
+                    what: str = "sampling") -> None:
+    """The `--config.*` overrides a command applies onto a checkpoint's config: only the
+    fields of `overridable` (a trailing "." admits a section), finite numbers, no zero or
+    negative counts. Checked on the command line, before any start-up work."""
+    for path, value in overrides.items():
+        if not any(path.startswith(p) if p.endswith(".") else path == p for p in overridable):
+            named = ", ".join(f"--config.{p}*" if p.endswith(".") else f"--config.{p}"
+                              for p in overridable)
+            raise UserError(f"--config.{path}: only {named} apply to {what}; the network is the "
+                            "checkpoint's")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--config.{path}={value}: must be a finite number")
+        low = _AT_LEAST.get(path.rsplit(".", 1)[-1])
+        if low is not None and isinstance(value, int) and value < low:
+            raise UserError(f"--config.{path}={value}: must be >= {low}")
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
@@ -83,13 +104,9 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 
     A "ddimN" sampler given without a respacing brings its own steps, not the saved respacing.
     """
+    check_overrides(overrides)
     config = {**config, "sampling": dict(config.get("sampling") or {})}
     for path, value in overrides.items():
-        if not (path.startswith(_OVERRIDABLE[0]) or path in _OVERRIDABLE[1:]):
-            raise ValueError(f"--config.{path}: only --config.sampling.*, --config.seed and "
-                             "--config.dtype apply to sampling; the network is the checkpoint's")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--config.{path}={value}: must be a finite number")
         if isinstance(value, tuple):
             value = list(value)
         if path.startswith("sampling."):

@@ -1,8 +1,8 @@
 """Evaluates the kept checkpoints of a run: the same `eval/<step>.json` training writes.
 
-    python -m dico_jax.tools.evaluate_run --workdir=RUN [--steps=50000,100000] \
-        [--config.eval.num_samples=50000] [--config.eval.reference=VIRTUAL_imagenet256_labeled.npz \
-         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth \
+    python -m dico_jax.tools.evaluate_run --workdir=RUN [--steps=50000,100000]
+        [--config.eval.num_samples=50000] [--config.eval.reference=VIRTUAL_imagenet256_labeled.npz
+         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
          --config.vae_weights=sd-vae-ft-ema/]
 
 The evaluation settings are the run's saved `config.eval` (its defaults where the run saved
@@ -16,12 +16,12 @@ import logging
 import os
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from configs import default as default_config
-from dico_jax import errors, runtime
+from dico_jax import command, errors, runtime
 
+TOOL = "dico_jax.tools.evaluate_run"
 FLAGS = flags.FLAGS
 
 
@@ -30,7 +30,10 @@ def define_flags() -> None:
     (beside another command's `--config`) defines none."""
     flags.DEFINE_string("workdir", None, "Training workdir (its checkpoints/ and saved config).")
     flags.DEFINE_list("steps", None, "Only these checkpoint steps (default: every kept one).")
-    config_flags.DEFINE_config_dict("config", default_config.get_config(), lock_config=True)
+    command.define_config_dict(TOOL, "config", default_config.get_config(), "Overrides of the "
+                               "run's evaluation settings: --config.eval.FIELD=VALUE, "
+                               "--config.vae_weights, --config.seed, --config.dtype.")
+    flags.declare_key_flag("config")  # listed in --help
     flags.mark_flags_as_required(["workdir"])
 
 _OVERRIDABLE = ("eval.", "vae_weights", "seed", "dtype")
@@ -41,11 +44,10 @@ def run_config(saved: dict, overrides: dict) -> dict:
     config = dict(saved)
     config["eval"] = {**default_config.get_config().eval.to_dict(), **(saved.get("eval") or {})}
     config.setdefault("vae_weights", "")
+    from dico_jax.sampling import source
+
+    source.check_overrides(overrides, _OVERRIDABLE, "an evaluation")
     for path, value in overrides.items():
-        if not (path.startswith(_OVERRIDABLE[0]) or path in _OVERRIDABLE[1:]):
-            raise errors.UserError(
-                f"--config.{path}: only --config.eval.*, --config.vae_weights, --config.seed and "
-                "--config.dtype apply to an evaluation; the network is the checkpoint's")
         if path.startswith("eval."):
             config["eval"][path.split(".", 1)[1]] = value
         else:
@@ -91,18 +93,20 @@ def evaluate_run(workdir: str, overrides: dict, steps: list[int] | None = None) 
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.start(orbax_level=logging.ERROR)
-    with errors.cli("dico_jax.tools.evaluate_run", also=(OSError, ValueError, KeyError)):
+    del argv  # checked by command.run
+    with errors.cli(TOOL, also=(OSError, ValueError, KeyError)):
         workdir = os.path.abspath(FLAGS.workdir)
         try:
             steps = [int(s) for s in FLAGS.steps] if FLAGS.steps else None
         except ValueError:
             raise errors.UserError(f"--steps {FLAGS.steps}: expected step numbers") from None
+        if not os.path.isdir(workdir):
+            raise errors.MissingFile(f"--workdir {workdir}: no such folder")
+        run_config({}, dict(FLAGS["config"].override_values))  # the overrides, checked
+        runtime.start(orbax_level=logging.ERROR)
         evaluate_run(workdir, dict(FLAGS["config"].override_values), steps)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    command.run(TOOL, main)

@@ -1,6 +1,6 @@
 """Ahead-of-time plan of a training run: its sharded train step compiled, not run.
 
-    python -m dico_jax.tools.plan --config=configs/dico.py:XL --topology=v5p:2x2x1 \
+    python -m dico_jax.tools.plan --config=configs/dico.py:XL --topology=v5p:2x2x1
         --vary=batch_per_chip=32,64 --vary=remat=none,dots,full [--breakdown] [--json=plan.json]
 
 Builds the train step exactly as `dico_jax.main` would for the config (mesh, FSDP shardings,
@@ -39,11 +39,11 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dico_jax import sharding as sharding_lib
-from dico_jax import builders, chips, errors, train, train_step
+from dico_jax import builders, chips, command, errors, train, train_step
 from dico_jax.errors import UserError
 from dico_jax.data import spec as data_spec
 from dico_jax.models import depthwise_for
@@ -397,8 +397,9 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # checked by command.run
+    with errors.cli("dico_jax.tools.plan"):
+        train.check_settings(FLAGS.config)
     if FLAGS.topology and "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")  # this host only traces; libtpu compiles
     if FLAGS.cpu_devices:
@@ -433,4 +434,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    command.run("dico_jax.tools.plan", main)
