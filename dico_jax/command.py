@@ -41,12 +41,12 @@ def nearest(name: str, choices: Sequence[str]) -> str:
 # absl flags and ml_collections config flags.
 
 
-def _config_flags() -> list[Any]:
+def _config_flags(flag_values: Any = None) -> list[Any]:
     from absl import flags
     from ml_collections.config_flags import config_flags as cf
 
     seen, found = set(), []
-    for flag in flags.FLAGS._flags().values():  # noqa: SLF001 - absl has no public iterator
+    for flag in (flag_values or flags.FLAGS)._flags().values():  # noqa: SLF001 - absl has no public iterator
         if isinstance(flag, cf._ConfigFlag) and id(flag) not in seen:  # noqa: SLF001
             seen.add(id(flag))
             found.append(flag)
@@ -99,10 +99,10 @@ def _unknown_field(argv: Sequence[str], flag: Any) -> str | None:
     return None
 
 
-def flag_error(err: BaseException, argv: Sequence[str]) -> str:
+def flag_error(err: BaseException, argv: Sequence[str], flag_values: Any = None) -> str:
     """One line saying what is wrong with the command line, from the error absl or
     ml_collections raised while parsing it."""
-    for flag in _config_flags():
+    for flag in _config_flags(flag_values):
         unknown = _unknown_field(argv, flag)
         if unknown:
             return unknown
@@ -167,16 +167,17 @@ def _check_config_files(flags_list: list[Any], argv: Sequence[str]) -> None:
                                    f"{object.__getattribute__(value, '_error')}")
 
 
-def absl_parser(tool: str) -> Callable[[list[str]], list[str]]:
+def absl_parser(tool: str, flag_values: Any = None) -> Callable[[list[str]], list[str]]:
     """A `flags_parser` for `absl.app.run` that reports every mistake as one line."""
 
     def parse(argv: list[str]) -> list[str]:
         from absl import flags
 
+        values = flag_values or flags.FLAGS
         shorten_help()
         try:
-            rest = flags.FLAGS(argv)
-            _check_config_files(_config_flags(), argv)
+            rest = values(argv)
+            _check_config_files(_config_flags(values), argv)
         except errors.UserError as err:
             if errors.show_tracebacks():
                 raise
@@ -184,7 +185,7 @@ def absl_parser(tool: str) -> Callable[[list[str]], list[str]]:
         except Exception as err:  # noqa: BLE001 - whatever parsing raised is a command-line mistake
             if errors.show_tracebacks():
                 raise
-            fail(tool, flag_error(err, argv))
+            fail(tool, flag_error(err, argv, values))
         if len(rest) > 1:
             fail(tool, f"unexpected arguments: {' '.join(rest[1:])} (every option is a --flag)")
         return rest
@@ -203,6 +204,31 @@ def define_config_dict(tool: str, name: str, config: Any, help_string: str) -> N
         if errors.show_tracebacks():
             raise
         fail(tool, flag_error(err, sys.argv))
+
+
+def parse_config(spec: str, overrides: Sequence[str] = ()) -> Any:
+    """The config that `--config=spec` and the `--config.FIELD=VALUE` `overrides` give, parsed
+    as the training command parses them and checked as it checks them before it starts
+    (`train.check_settings`); a mistake raises `UserError`. For commands that hand a config
+    on (`launch/tpu.py`)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    argv = ["config", f"--config={spec}", *overrides]
+    holder = config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=argv)
+    try:
+        values(argv)
+        _check_config_files([values["config"]], argv)
+        config = holder.value
+    except errors.UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever parsing raised is a mistake in the spec
+        raise errors.UserError(flag_error(err, argv)) from None
+    from dico_jax import train
+
+    train.check_settings(config)
+    return config
 
 
 def run(tool: str, main: Callable[[list[str]], Any]) -> None:
@@ -254,6 +280,7 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("prog", f"python -m {tool}" if tool else None)
         kwargs["formatter_class"] = _one_spelling(
             kwargs.get("formatter_class", argparse.HelpFormatter))
+        kwargs.setdefault("allow_abbrev", False)  # a shortened option is a typo, not a choice
         super().__init__(**kwargs)
         self.tool = tool or re.sub(r"^python -m ", "", self.prog).split()[0]
 
@@ -277,4 +304,13 @@ class ArgumentParser(argparse.ArgumentParser):
         return subparsers
 
     def error(self, message: str) -> NoReturn:
+        message = re.sub(r"(--\w+)/--[\w-]+", r"\1", message)  # not the dashed alias
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            given = unknown.group(1).split("=")[0]
+            options = [o for a in self._actions for o in a.option_strings]
+            message += nearest(_underscored(given), options)
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            message += nearest(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
         fail(self.tool, message)

@@ -1,7 +1,7 @@
 """Sample-quality metrics of an .npz of samples: FID, sFID, IS, precision and recall.
 
-    python -m dico_jax.evaluate --samples SAMPLES.npz --ref VIRTUAL_imagenet256_labeled.npz \
-        --inception-weights pt_inception-2015-12-05-6726825d.pth [--out metrics.json]
+    python -m dico_jax.evaluate --samples SAMPLES.npz --ref VIRTUAL_imagenet256_labeled.npz
+        --inception_weights pt_inception-2015-12-05-6726825d.pth [--out metrics.json]
     python -m dico_jax.evaluate --digits --samples SAMPLES.npz [--out metrics.json]
 
 The first form follows the ADM evaluator: Inception-v3 features of ``arr_0`` (N, H, W, 3)
@@ -17,42 +17,40 @@ import json
 import logging
 import sys
 
-from dico_jax import errors, runtime
+from dico_jax import command, errors, runtime
 from dico_jax.evaluation import features as feature_io
 from dico_jax.evaluation import files, inception
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m dico_jax.evaluate", description=__doc__.split("\n")[0]
-    )
+    parser = command.ArgumentParser("dico_jax.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--samples", required=True, help=".npz with arr_0 (N, H, W, C) uint8 samples")
     parser.add_argument(
         "--ref", help="ADM reference batch .npz (arr_0 images, optional mu/sigma/mu_s/sigma_s)"
     )
     parser.add_argument(
-        "--inception-weights", help="pytorch-fid weights file pt_inception-2015-12-05-6726825d.pth"
+        "--inception_weights", help="pytorch-fid weights file pt_inception-2015-12-05-6726825d.pth"
     )
     parser.add_argument(
         "--digits", action="store_true", help="score 8x8 digit samples (no --ref, no weights)"
     )
     parser.add_argument("--out", help="write the metrics as JSON here")
-    parser.add_argument("--batch-size", type=int, default=250, help="images per feature batch (all devices)")
+    parser.add_argument("--batch_size", type=int, default=250, help="images per feature batch (all devices)")
     parser.add_argument(
-        "--fid-method",
+        "--fid_method",
         choices=("sqrtm", "eigh"),
         default="sqrtm",
         help="sqrtm: the ADM evaluator's matrix square root; "
         "eigh: the same value from symmetric eigendecompositions, faster",
     )
-    parser.add_argument("--cache-dir", help="digits mode: where to cache the trained feature network")
+    parser.add_argument("--cache_dir", help="digits mode: where to cache the trained feature network")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
-        parser.error("--batch-size must be positive")
+        parser.error("--batch_size must be positive")
     if not args.digits and (args.ref is None or args.inception_weights is None):
-        parser.error("--ref and --inception-weights are required (or use --digits)")
+        parser.error("--ref and --inception_weights are required (or use --digits)")
     if args.digits and (args.ref or args.inception_weights):
-        parser.error("--digits uses its own reference and network; drop --ref/--inception-weights")
+        parser.error("--digits uses its own reference and network; drop --ref/--inception_weights")
     return args
 
 

@@ -1,12 +1,12 @@
 """Run dico-jax training on a Cloud TPU slice with gcloud.
 
-    python launch/tpu.py create --name N --zone Z --project P --accelerator-type v5p-64 [--spot] [--queued]
-    python launch/tpu.py setup  --name N --zone Z --project P [--repo-url URL] [--mount-bucket B]
+    python launch/tpu.py create --name N --zone Z --project P --accelerator_type v5p-64 [--spot] [--queued]
+    python launch/tpu.py setup  --name N --zone Z --project P [--repo_url URL] [--mount_bucket B]
     python launch/tpu.py train  --name N --zone Z --project P --config configs/dico.py:XL \
                                 --workdir gs://BUCKET/dico-xl [--config.key=value ...]
     python launch/tpu.py logs | status | stop | delete --name N --zone Z --project P
 
-Every subcommand accepts --dry-run: it prints the exact commands, one per line, and runs
+Every subcommand accepts --dry_run: it prints the exact commands, one per line, and runs
 nothing. `train` starts the trainer detached on every worker at once; running it again after a
 stop or a preemption resumes from the workdir's latest checkpoint. Multi-host setup needs no
 flags: the trainer calls jax.distributed.initialize(), which reads the TPU runtime.
@@ -21,6 +21,11 @@ import subprocess
 import sys
 from typing import Sequence
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # run as `python launch/tpu.py` from a checkout
+
+from dico_jax import command, errors  # noqa: E402
+
 # Runtime (software) versions for JAX per TPU generation, from the Cloud TPU docs.
 RUNTIME_VERSIONS = {
     "v2": "tpu-ubuntu2204-base",
@@ -30,8 +35,6 @@ RUNTIME_VERSIONS = {
     "v5p": "v2-alpha-tpuv5",
     "v6e": "v2-alpha-tpuv6e",
 }
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Where things live on every worker (relative to the login user's home directory).
 REMOTE_REPO = "dico-jax"
@@ -62,12 +65,12 @@ def default_runtime_version(accelerator_type: str) -> str:
     """The runtime version to use for an accelerator type such as "v5p-128"."""
     generation, _, cores = accelerator_type.rpartition("-")
     if not generation or not cores.isdigit():
-        raise LaunchError(f"--accelerator-type {accelerator_type!r} is not of the form "
+        raise LaunchError(f"--accelerator_type {accelerator_type!r} is not of the form "
                           "GENERATION-SIZE, e.g. v4-32, v5p-128, v5litepod-16, v6e-64")
     if generation not in RUNTIME_VERSIONS:
-        raise LaunchError(f"no default --runtime-version for {generation!r} (from "
-                          f"--accelerator-type {accelerator_type}); known: "
-                          f"{', '.join(RUNTIME_VERSIONS)}; pass --runtime-version")
+        raise LaunchError(f"no default --runtime_version for {generation!r} (from "
+                          f"--accelerator_type {accelerator_type}); known: "
+                          f"{', '.join(RUNTIME_VERSIONS)}; pass --runtime_version")
     return RUNTIME_VERSIONS[generation]
 
 
@@ -157,7 +160,7 @@ def setup_script(args) -> str:
         steps.append(gcsfuse_script(args.mount_bucket, args.mount_point or f"/gcs/{args.mount_bucket}"))
     steps.append(f"~/{REMOTE_VENV}/bin/python -c 'import jax; "
                  "print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)'")
-    # One line, stopping at the first failure, so that --dry-run prints one command per line.
+    # One line, stopping at the first failure, so that --dry_run prints one command per line.
     return " && ".join(steps)
 
 
@@ -235,7 +238,7 @@ def train_commands(args) -> list[list[str]]:
     if not args.workdir.startswith("gs://") and not args.local_workdir:
         raise LaunchError(f"--workdir {args.workdir!r} is not a gs:// path: on a multi-host "
                           "slice every worker must see the same checkpoints (pass "
-                          "--local-workdir to allow a path on a shared mount)")
+                          "--local_workdir to allow a path on a shared mount)")
     for kv in args.env:
         if "=" not in kv or kv.startswith("="):
             raise LaunchError(f"--env {kv!r} is not KEY=VALUE")
@@ -296,7 +299,7 @@ BUILDERS = {
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__,
+    parser = command.ArgumentParser("launch/tpu.py", prog="launch/tpu.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
@@ -305,14 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", required=True, help="TPU VM (and queued resource) name")
         p.add_argument("--zone", required=True, help="e.g. us-central2-b, us-east5-a")
         p.add_argument("--project", required=True, help="Google Cloud project id")
-        p.add_argument("--dry-run", action="store_true",
+        p.add_argument("--dry_run", action="store_true",
                        help="print the commands, one per line, and run nothing")
         return p
 
     p = add("create", "Create a TPU VM slice, directly or as a queued resource.")
-    p.add_argument("--accelerator-type", required=True,
+    p.add_argument("--accelerator_type", required=True,
                    help="e.g. v4-32, v5p-128, v5litepod-16, v6e-64")
-    p.add_argument("--runtime-version",
+    p.add_argument("--runtime_version",
                    help="TPU software version; default per generation: "
                         + ", ".join(f"{g}: {v}" for g, v in RUNTIME_VERSIONS.items()))
     p.add_argument("--spot", action="store_true", help="Spot capacity: cheaper, can be preempted")
@@ -323,12 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request a queued resource (waits for capacity) instead of a TPU VM")
 
     p = add("setup", "Install the project, its requirements and jax[tpu] on every worker.")
-    p.add_argument("--repo-url", help="git clone this URL on the workers; default: copy "
+    p.add_argument("--repo_url", help="git clone this URL on the workers; default: copy "
                                       "the local checkout (tracked and untracked, not ignored)")
-    p.add_argument("--ref", default="main", help="branch or tag for --repo-url")
+    p.add_argument("--ref", default="main", help="branch or tag for --repo_url")
     p.add_argument("--python", default=DEFAULT_PYTHON, help="Python version for the venv")
-    p.add_argument("--mount-bucket", help="gcsfuse-mount this bucket read-only (for data)")
-    p.add_argument("--mount-point", help="where to mount it (default /gcs/BUCKET)")
+    p.add_argument("--mount_bucket", help="gcsfuse-mount this bucket read-only (for data)")
+    p.add_argument("--mount_point", help="where to mount it (default /gcs/BUCKET)")
 
     p = add("train", "Start training on every worker, detached; rerun to resume.")
     p.add_argument("--config", required=True, help="e.g. configs/dico.py:XL or 'configs/dico.py:XL,res=512'")
@@ -336,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="train", help="name of the log and pid files (default train)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment variable for the trainer (repeatable)")
-    p.add_argument("--local-workdir", action="store_true",
+    p.add_argument("--local_workdir", action="store_true",
                    help="allow a workdir that is not gs:// (a mount every worker shares)")
 
     p = add("logs", "Show the end of the training log of one worker or all.")
@@ -373,6 +376,20 @@ def parse_args(argv: Sequence[str] | None):
         parser.error(f"--run {args.run!r}: use letters, digits, '.', '_' or '-'")
     if hasattr(args, "worker") and not re.fullmatch(r"all|\d+", args.worker):
         parser.error(f"--worker {args.worker!r}: a worker index or 'all'")
+    if args.command == "train":
+        # The config the workers will run, checked here: a mistake in it is found before any
+        # command is printed or run, not on the slice.
+        config_file = args.config.split(":", 1)[0]
+        if not os.path.isabs(config_file) and not os.path.exists(config_file):
+            config_file = os.path.join(REPO_ROOT, config_file)
+        spec = config_file + (args.config[len(args.config.split(":", 1)[0]):])
+        try:
+            command.parse_config(spec, overrides)
+        except errors.UserError as e:
+            parser.error(str(e).replace(f"--config={spec}", f"--config={args.config}"))
+        except ImportError as e:
+            parser.error(f"checking --config {args.config} needs the project's requirements here "
+                         f"(pip install -r requirements.txt): {e}")
     return parser, args
 
 

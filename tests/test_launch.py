@@ -75,23 +75,31 @@ def test_queued_resources_are_described_and_deleted_as_such(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--name", "n", "--project", "p", "--config", "c", "--workdir", "gs://b/r"], "--zone"),
-    (["create", "--name", "n", "--zone", "z", "--project", "p"], "--accelerator-type"),
-    (["create", *SLICE, "--accelerator-type", "v9x-8"], "no default --runtime-version"),
-    (["create", *SLICE, "--accelerator-type", "v5p"], "GENERATION-SIZE"),
-    (["create", *SLICE, "--accelerator-type", "v5p-8", "--queued", "--preemptible"], "--spot"),
+    (["create", "--name", "n", "--zone", "z", "--project", "p"], "--accelerator_type"),
+    (["create", *SLICE, "--accelerator_type", "v9x-8"], "no default --runtime_version"),
+    (["create", *SLICE, "--accelerator_type", "v5p"], "GENERATION-SIZE"),
+    (["create", *SLICE, "--accelerator_type", "v5p-8", "--queued", "--preemptible"], "--spot"),
     ([*TRAIN[:-1], "/tmp/run"], "not a gs:// path"),
     ([*TRAIN, "--env", "NOEQUALS"], "KEY=VALUE"),
     ([*TRAIN, "--bogus"], "unrecognized arguments: --bogus"),
     (["stop", *SLICE, "--config.x=1"], "only apply to train"),
     (["logs", *SLICE, "--run", "x; rm -rf ~"], "--run"),
     (["logs", *SLICE, "--worker", "1,2"], "--worker"),
+    # The config the workers would run is checked before any command is printed.
+    ([*TRAIN[:-4], "--config", "configs/nope.py", *TRAIN[-2:]], "no such config file"),
+    ([*TRAIN[:-4], "--config", "configs/dico.py:XXL", *TRAIN[-2:]], "unknown scale 'XXL'"),
+    ([*TRAIN, "--config.global_bach_size=8"],
+     "no field 'global_bach_size' (did you mean --config.global_batch_size?)"),
+    ([*TRAIN, "--config.global_batch_size=x"], "--config.global_batch_size=x: expected an integer"),
+    ([*TRAIN, "--config.num_train_steps=0"], "config.num_train_steps must be >= 1"),
 ])
 def test_bad_requests_fail_with_a_message(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        tpu.main([*argv, "--dry-run"])
+        tpu.main([*argv, "--dry_run"])
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
-    assert message in captured.err and captured.out == ""
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("launch/tpu.py: error: ") and message in captured.err
 
 
 def test_setup_copies_the_checkout_and_installs_on_every_worker(capsys):

@@ -15,12 +15,12 @@ import logging
 import os
 import sys
 
-from dico_jax import errors, runtime
+from dico_jax import command, errors, runtime
 from dico_jax.models import MODEL_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dico_jax.convert", description=__doc__,
+    parser = command.ArgumentParser("dico_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--model", required=True, choices=MODEL_NAMES, help="model the weights are of")
     imp.add_argument("--src", required=True, help="official checkpoint (.pt/.pth/.safetensors)")
     imp.add_argument("--out", required=True, help="new Orbax checkpoint directory")
-    imp.add_argument("--model-overrides", default="{}", type=_json_object,
+    imp.add_argument("--model_overrides", default="{}", type=_json_object,
                      help="JSON of config.model fields, e.g. "
                           "'{\"hidden_size\": 64, \"depths\": [1, 1, 1, 1, 1]}'")
     imp.add_argument("--resolution", type=int, default=256, choices=(256, 512),
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--step", type=int, default=None,
                      help="train step to record (default: from the file name, else 0)")
 
-    imp.add_argument("--keep-non-finite", action="store_true",
+    imp.add_argument("--keep_non_finite", action="store_true",
                      help="convert weights holding NaN or infinite values (refused by default)")
 
     exp = commands.add_parser("to-torch", help="Orbax checkpoint -> official .pt")
@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output .pt (or the stem with --safetensors)")
     exp.add_argument("--safetensors", action="store_true",
                      help="write STEM.model.safetensors and STEM.ema.safetensors instead of a .pt")
-    exp.add_argument("--no-ema", dest="use_ema", action="store_false",
+    exp.add_argument("--no_ema", dest="use_ema", action="store_false",
                      help="export the raw weights only (a bare state_dict)")
-    exp.add_argument("--keep-non-finite", action="store_true",
+    exp.add_argument("--keep_non_finite", action="store_true",
                      help="export weights holding NaN or infinite values (refused by default)")
     return parser
 

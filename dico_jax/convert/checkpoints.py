@@ -99,7 +99,7 @@ def check_model_size(arch: Mapping[str, Any], model_name: str, overrides: Mappin
     custom = {k: v for k, v in overrides.items() if k in _ARCH_FIELDS}
     want_text = f"{model_name}{' with overrides ' + str(custom) if custom else ''}"
     hint = (f"use --model {found}" if found else
-            "use --model-overrides '{\"hidden_size\": ..., \"depths\": [...], \"mlp_ratio\": ...}'")
+            "use --model_overrides '{\"hidden_size\": ..., \"depths\": [...], \"mlp_ratio\": ...}'")
     raise ValueError(f"{source} holds {found_text}, but {want_text} has {_arch_text(want)}; {hint}")
 
 
@@ -224,7 +224,7 @@ def check_finite_weights(tree: Mapping[str, Any], source: str) -> None:
            if not np.isfinite(np.asarray(x, np.float32)).all()]
     if bad:
         raise UserError(f"{source}: {len(bad)} parameter arrays hold NaN or infinite values "
-                        f"(first: {', '.join(bad[:3])}); pass --keep-non-finite to convert "
+                        f"(first: {', '.join(bad[:3])}); pass --keep_non_finite to convert "
                         "them anyway")
 
 
@@ -270,7 +270,7 @@ def export_torch_checkpoint(checkpoint: str, out: str, *, step: int | None = Non
     try:
         state, step = ckpt_lib.restore_to_host(directory, step, items=items)
     except KeyError as err:
-        hint = " (use --no-ema to export the raw weights only)" if use_ema else ""
+        hint = " (use --no_ema to export the raw weights only)" if use_ema else ""
         raise KeyError(f"{err.args[0]}{hint}") from None
     if not keep_non_finite:
         check_finite_weights(state, f"{directory}/{step}")

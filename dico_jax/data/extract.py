@@ -1,7 +1,7 @@
 """Encode an image dataset into VAE latents stored as ArrayRecord shards plus a manifest.
 
     python -m dico_jax.data.extract --source folder:/data/imagenet/train \\
-        --vae-weights /models/sd-vae-ft-ema/diffusion_pytorch_model.safetensors --out /data/latents256
+        --vae_weights /models/sd-vae-ft-ema/diffusion_pytorch_model.safetensors --out /data/latents256
 
 Every image is ADM center-cropped, scaled to [-1, 1] and encoded together with its horizontal
 flip. ``--storage sample`` (default, the official recipe) stores a posterior sample times the
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dico_jax import errors, runtime
+from dico_jax import command, errors, runtime
 from dico_jax.errors import UserError
 from dico_jax.data import imagenet, records
 
@@ -92,7 +92,7 @@ def make_encoder(
     (B, 2, parts, h, w, c), latent shape (h, w, c)). Batches are split over local devices."""
     devices = np.array(jax.local_devices())
     if batch_size % devices.size:
-        raise ValueError(f"--batch-size {batch_size} must be divisible by the {devices.size} local devices")
+        raise ValueError(f"--batch_size {batch_size} must be divisible by the {devices.size} local devices")
     mesh = Mesh(devices, ("batch",))
     batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
@@ -223,14 +223,14 @@ def finalize(
             f.write("\n".join(skipped) + "\n")
     if written != expected_count:
         if skipped and written + len(skipped) == expected_count and len(skipped) <= max_skipped:
-            logging.warning("accepting %d skipped unreadable images (--max-skipped %d)", len(skipped), max_skipped)
+            logging.warning("accepting %d skipped unreadable images (--max_skipped %d)", len(skipped), max_skipped)
         else:
             raise ExtractionError(
-                f"wrote {written} records to {out_dir} but expected {expected_count} (--expected-count); "
+                f"wrote {written} records to {out_dir} but expected {expected_count} (--expected_count); "
                 f"{len(skipped)} unreadable images were skipped"
                 + (f", listed in {os.path.join(out_dir, SKIPPED_NAME)}" if skipped else "")
                 + ". Repair them and delete their shards' .done.json files to re-encode those shards, "
-                "or pass --max-skipped to accept the loss. No manifest was written."
+                "or pass --max_skipped to accept the loss. No manifest was written."
             )
     manifest = records.Manifest(
         count=written,
@@ -268,7 +268,7 @@ def extract_latents(
         raise ValueError(f"storage must be one of {sorted(records.STORAGE_PARTS)}, got {storage!r}")
     expected_count = source.expected_count if expected_count is None else expected_count
     if len(source) != expected_count:
-        raise ExtractionError(f"{source.name} has {len(source)} images but {expected_count} are expected (--expected-count)")
+        raise ExtractionError(f"{source.name} has {len(source)} images but {expected_count} are expected (--expected_count)")
     os.makedirs(out_dir, exist_ok=True)
     plans = plan_shards(len(source), shard_size, prefix)
     index, count = jax.process_index(), jax.process_count()
@@ -334,25 +334,34 @@ def sd_vae_encoder(weights_path: str, compute_dtype: str = "float32") -> tuple[E
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command.ArgumentParser("dico_jax.data.extract", description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="folder:/path/to/class/tree or tfds:/manual/download/dir")
     parser.add_argument("--split", default="train", help="tfds split; also the shard file prefix")
-    parser.add_argument("--tfds-data-dir", default=None, help="where tfds keeps the prepared imagenet2012")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--vae-weights", required=True, help="diffusers AutoencoderKL .safetensors/.bin file or folder")
-    parser.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32", help="VAE compute dtype")
-    parser.add_argument("--vae-name", default=None, help="recorded in the manifest (default: the weights' folder name)")
+    parser.add_argument("--tfds_data_dir", default=None, help="where tfds keeps the prepared imagenet2012")
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--vae_weights", required=True, help="diffusers AutoencoderKL .safetensors/.bin file or folder")
+    parser.add_argument("--vae_dtype", choices=["float32", "bfloat16"], default="float32", help="VAE compute dtype")
+    parser.add_argument("--vae_name", default=None, help="recorded in the manifest (default: the weights' folder name)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--storage", choices=sorted(records.STORAGE_PARTS), default="sample")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--shard-size", type=int, default=1024)
-    parser.add_argument("--expected-count", type=int, default=None,
+    parser.add_argument("--batch_size", type=int, default=64, help="per process")
+    parser.add_argument("--shard_size", type=int, default=1024)
+    parser.add_argument("--expected_count", type=int, default=None,
                         help="default: 1,281,167 for imagenet2012 train, else the number of images found")
-    parser.add_argument("--max-skipped", type=int, default=0, help="unreadable images to tolerate")
+    parser.add_argument("--max_skipped", type=int, default=0, help="unreadable images to tolerate")
     parser.add_argument("--seed", type=int, default=0, help="posterior sampling seed")
-    parser.add_argument("--decode-threads", type=int, default=None)
-    return parser.parse_args(argv)
+    parser.add_argument("--decode_threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    for name in ("image_size", "batch_size", "shard_size", "expected_count", "decode_threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if args.max_skipped < 0:
+        parser.error(f"--max_skipped must be >= 0, got {args.max_skipped}")
+    if not os.path.exists(args.vae_weights):
+        parser.error(f"--vae_weights {args.vae_weights}: no such file or folder")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from array_record.python import array_record_module
 
-from dico_jax import errors
+from dico_jax import command, errors
 from dico_jax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -372,9 +372,8 @@ def write_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Check a dico-jax latent dataset against its manifest.")
+    parser = command.ArgumentParser("dico_jax.data.records",
+                                    description="Check a dico-jax latent dataset against its manifest.")
     parser.add_argument("data_dir")
     parser.add_argument("--deep", action="store_true", help="read every record, not only the first of each shard")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Throughput benchmark: DiCo training step, forward pass and guided sampler, with a PyTorch baseline.
 
     python -m dico_jax.tools.benchmark --models DiCo-S --batch 8 --dtypes float32 [--torch]
-    python -m dico_jax.tools.benchmark --models DiCo-XL --batch 64 --fwd-batch 128 \
+    python -m dico_jax.tools.benchmark --models DiCo-XL --batch 64 --fwd_batch 128 \
         --dtypes float32,bfloat16 --torch --json bench.json          # on a GPU
 
 For every (model, dtype): compile time of the full train step (loss, backward, AdamW, EMA),
@@ -15,7 +15,6 @@ three train steps per row and prints device time by op kind (`dico_jax.tools.pro
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import json
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dico_jax import host_memory
+from dico_jax import command, host_memory
 from dico_jax.diffusion import create_diffusion
 from dico_jax.models import check_norm_impl, forward_flops_per_image, get_model
 from dico_jax.chips import peak_flops_per_chip
@@ -296,17 +295,17 @@ def print_table(rows: list[dict], host_memory_retained: bool = False) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = command.ArgumentParser("dico_jax.tools.benchmark", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="DiCo-S")
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--batch", type=int, default=8, help="train batch per chip")
-    ap.add_argument("--fwd-batch", type=int, default=None, help="forward batch (default: --batch)")
+    ap.add_argument("--fwd_batch", type=int, default=None, help="forward batch (default: --batch)")
     ap.add_argument("--res", type=int, default=32, help="latent height/width (32 = 256px)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--sample-steps", type=int, default=5,
+    ap.add_argument("--sample_steps", type=int, default=5,
                     help="sampler steps timed (the rates of DDPM-250, Euler-50 and Heun-25 "
                          "are extrapolated)")
-    ap.add_argument("--sample-batch", type=int, default=None)
+    ap.add_argument("--sample_batch", type=int, default=None)
     ap.add_argument("--remat", default="none")
     ap.add_argument("--unrolled", action="store_true",
                     help="blocks as a Python loop (scan=False): longer compile, no stacked residuals")
@@ -317,7 +316,7 @@ def main(argv=None) -> list[dict]:
                          "'auto' (shift on CPU, conv elsewhere); a comma list times each")
     ap.add_argument("--norm", default="xla",
                     help="layer norms as 'xla' (compiler-fused) or 'pallas' (GPU kernels)")
-    ap.add_argument("--cpu-peak-tflops", type=float, default=1.0,
+    ap.add_argument("--cpu_peak_tflops", type=float, default=1.0,
                     help="peak used for MFU when the device is not a known accelerator")
     ap.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
     ap.add_argument("--json", default=None)
@@ -326,7 +325,7 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     retained = host_memory.retain_freed_memory_on_cpu()  # before JAX starts its backend
     if args.sample_steps < 2:
-        ap.error(f"--sample-steps must be at least 2 (a respaced sampler keeps >= 2 steps), "
+        ap.error(f"--sample_steps must be at least 2 (a respaced sampler keeps >= 2 steps), "
                  f"got {args.sample_steps}")
     parts = tuple(args.parts.split(","))
     if set(parts) - {"train", "forward", "sample"}:

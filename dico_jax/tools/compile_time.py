@@ -6,7 +6,6 @@ Prints a table; nothing here is a test. Compilation only: abstract inputs, no ex
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 
+from dico_jax import command
 from dico_jax.models import abstract_params, get_model
 
 
@@ -46,7 +46,7 @@ def measure(name: str, scan: bool, dtype: str, batch: int, res: int, remat: str)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = command.ArgumentParser("dico_jax.tools.compile_time", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="DiCo-XL")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=8)

@@ -7,7 +7,6 @@ ImageNet 256 after the VAE), then times batches for several worker counts. Print
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import tempfile
@@ -15,6 +14,8 @@ import time
 
 import numpy as np
 from absl import flags
+
+from dico_jax import command
 
 
 
@@ -63,14 +64,14 @@ def time_loader(data_dir: str, batch: int, workers: int, warmup: int, batches: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command.ArgumentParser("dico_jax.tools.data_throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--storage", nargs="+", default=["sample", "moments"])
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--shard_size", type=int, default=1024)
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags.
 

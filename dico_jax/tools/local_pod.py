@@ -1,10 +1,10 @@
 """A pod on one machine: runs a command as n JAX processes that find each other.
 
-    python -m dico_jax.tools.local_pod -n 2 --devices-per-process 4 -- \\
+    python -m dico_jax.tools.local_pod -n 2 --devices_per_process 4 -- \\
         python -m dico_jax.main --config=configs/digits.py --workdir=/tmp/digits
 
 Process i gets JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCESSES=n and
-JAX_PROCESS_ID=i, which `dico_jax.runtime.start()` reads; with `--devices-per-process` it runs
+JAX_PROCESS_ID=i, which `dico_jax.runtime.start()` reads; with `--devices_per_process` it runs
 on the CPU backend with that many devices per process, as a pod slice of n hosts would run
 with its chips. Every line a process prints comes out prefixed with `[i]`.
 
@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+
+from dico_jax import command
 
 EXIT_PEER_LOST = 75  # dico_jax.runtime.EXIT_PEER_LOST; not imported, to keep JAX out of here
 
@@ -145,10 +147,10 @@ class Pod:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = command.ArgumentParser("dico_jax.tools.local_pod", description=__doc__.splitlines()[0],
                                      usage="%(prog)s -n N [options] -- command ...")
-    parser.add_argument("-n", "--num-processes", type=int, required=True)
-    parser.add_argument("--devices-per-process", type=int, default=None,
+    parser.add_argument("-n", "--num_processes", type=int, required=True)
+    parser.add_argument("--devices_per_process", type=int, default=None,
                         help="run on the CPU backend with this many devices per process")
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     parser.add_argument("--grace", type=float, default=30.0,

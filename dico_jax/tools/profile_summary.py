@@ -11,13 +11,14 @@ modulated_layer_norm, gelu). The benchmark's `--profile` writes both files and p
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
 import json
 import os
 import re
+
+from dico_jax import command
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
@@ -167,7 +168,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = command.ArgumentParser("dico_jax.tools.profile_summary", description=__doc__.splitlines()[0])
     ap.add_argument("trace", help="perfetto_trace.json.gz, or a folder holding one")
     ap.add_argument("hlo", help="optimized HLO text of the traced program")
     ap.add_argument("--steps", type=int, default=1, help="steps the trace covers")

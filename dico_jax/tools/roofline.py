@@ -20,7 +20,7 @@ import dataclasses
 import re
 from typing import Iterable, Sequence
 
-from dico_jax import chips
+from dico_jax import chips, command
 
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
           "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
@@ -419,16 +419,15 @@ def format_parts(summary: dict, batch: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """python -m dico_jax.tools.roofline HLO_TEXT --device-kind 'NVIDIA H200' --batch 64:
+    """python -m dico_jax.tools.roofline HLO_TEXT --device_kind 'NVIDIA H200' --batch 64:
     the per-part table of a compiled program dumped to a file (plain or .gz), e.g. the
     train_step.hlo.txt.gz that `tools/benchmark --profile` writes beside its trace."""
-    import argparse
     import gzip
 
-    parser = argparse.ArgumentParser(prog="python -m dico_jax.tools.roofline",
-                                     description=main.__doc__.split(":", 1)[1].strip())
+    parser = command.ArgumentParser("dico_jax.tools.roofline",
+                                    description=main.__doc__.split(":", 1)[1].strip())
     parser.add_argument("hlo", help="optimized HLO text (compiled.as_text()), plain or .gz")
-    parser.add_argument("--device-kind", default="", help="JAX device_kind of the chip it was "
+    parser.add_argument("--device_kind", default="", help="JAX device_kind of the chip it was "
                         "compiled for, e.g. 'NVIDIA H200', 'TPU v5 lite'")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--batch", type=int, default=1, help="images per chip and step")
