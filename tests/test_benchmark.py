@@ -58,8 +58,8 @@ ENTRY %main (a: f32[2,8,8,16], k: f32[3,3,1,16]) -> f32[2,8,8,16] {
 
 def test_benchmark_rejects_a_one_step_sampler(capsys):
     with pytest.raises(SystemExit):
-        benchmark.main(["--sample-steps", "1"])
-    assert "--sample-steps must be at least 2" in capsys.readouterr().err
+        benchmark.main(["--sample_steps", "1"])
+    assert "--sample_steps must be at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         benchmark.main(["--parts", "train,forwrd"])
     assert "--parts takes train, forward and sample" in capsys.readouterr().err

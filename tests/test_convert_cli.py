@@ -166,7 +166,7 @@ def test_non_finite_weights_are_refused_unless_kept(tmp_path):
     state["final_layer.out_proj.weight"][0, 0] = float("nan")
     src = str(tmp_path / "0000010.pt")
     torch.save({"model": state, "ema": state}, src)
-    with pytest.raises(ValueError, match=r"parameter arrays hold NaN.*--keep-non-finite"):
+    with pytest.raises(ValueError, match=r"parameter arrays hold NaN.*--keep_non_finite"):
         checkpoints.import_torch_checkpoint(src, str(tmp_path / "a"), "DiCo-S", OVERRIDES)
     assert not os.path.exists(tmp_path / "a")
     report = checkpoints.import_torch_checkpoint(src, str(tmp_path / "a"), "DiCo-S", OVERRIDES,
@@ -185,7 +185,7 @@ def test_missing_ema_and_occupied_output(official_file, imported, tmp_path):
     manager.wait_until_finished()
     manager.close()
     with pytest.raises(KeyError, match=r"no state items \['ema_params'\]; found \['params', "
-                                       r"'step'\].*--no-ema"):
+                                       r"'step'\].*--no_ema"):
         checkpoints.export_torch_checkpoint(directory, str(tmp_path / "e.pt"))
     report = checkpoints.export_torch_checkpoint(directory, str(tmp_path / "e.pt"), use_ema=False)
     assert_state_dicts_equal(torch.load(report.files[0], weights_only=True), official_file[1])

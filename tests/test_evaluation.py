@@ -413,7 +413,7 @@ def test_evaluate_cli_adm_mode_matches_metrics_of_pytorch_features(torch_incepti
     out = tmp_path / "metrics.json"
     evaluate.main([
         "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"),
-        "--inception-weights", weights, "--batch-size", "8", "--out", str(out), "--fid-method", "eigh",
+        "--inception_weights", weights, "--batch_size", "8", "--out", str(out), "--fid_method", "eigh",
     ])
     result = json.loads(out.read_text())
 
@@ -510,7 +510,7 @@ def test_evaluate_cli_digits_mode(tmp_path):
     np.savez(tmp_path / "digits.npz", arr_0=samples, label=labels[pick])
     out = tmp_path / "out" / "metrics.json"
     evaluate.main(["--digits", "--samples", str(tmp_path / "digits.npz"), "--out", str(out),
-                   "--cache-dir", str(tmp_path / "cache")])
+                   "--cache_dir", str(tmp_path / "cache")])
     result = json.loads(out.read_text())
     assert set(result) >= {"fid", "is", "precision", "recall", "accuracy", "num_samples"}
     assert result["num_samples"] == 300

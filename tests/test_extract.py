@@ -190,12 +190,12 @@ def test_extraction_fails_early_on_a_count_mismatch(image_tree, tmp_path):
 
 
 def test_cli_arguments():
-    args = extract.parse_args(["--source", "folder:/x", "--vae-weights", "w.safetensors", "--out", "o",
-                               "--storage", "moments", "--shard-size", "10"])
+    args = extract.parse_args(["--source", "folder:/x", "--vae_weights", "w.safetensors", "--out", "o",
+                               "--storage", "moments", "--shard_size", "10"])
     assert (args.storage, args.shard_size, args.batch_size, args.image_size, args.expected_count) == (
         "moments", 10, 64, 256, None)
     with pytest.raises(SystemExit):
-        extract.parse_args(["--source", "folder:/x", "--out", "o"])  # --vae-weights is required
+        extract.parse_args(["--source", "folder:/x", "--out", "o"])  # --vae_weights is required
 
 
 @pytest.mark.slow
@@ -217,9 +217,9 @@ def test_cli_encodes_with_the_stable_diffusion_vae(image_tree, tmp_path, capsys)
     save_file({k: v.half() for k, v in vae.state_dict().items()}, str(weights_dir / "diffusion_pytorch_model.safetensors"))
 
     out = tmp_path / "latents"
-    extract.main(["--source", f"folder:{image_tree}", "--vae-weights", str(weights_dir / "diffusion_pytorch_model.safetensors"),
-                  "--out", str(out), "--image-size", str(IMAGE_SIZE), "--batch-size", "8", "--shard-size", "8",
-                  "--storage", "moments", "--max-skipped", "1"])
+    extract.main(["--source", f"folder:{image_tree}", "--vae_weights", str(weights_dir / "diffusion_pytorch_model.safetensors"),
+                  "--out", str(out), "--image_size", str(IMAGE_SIZE), "--batch_size", "8", "--shard_size", "8",
+                  "--storage", "moments", "--max_skipped", "1"])
     assert "wrote 10 latents (4, 4, 4) in 2 shards" in capsys.readouterr().out
     manifest = records.validate_dataset(str(out), deep=True)
     assert (manifest.vae, manifest.scale_factor, manifest.image_size) == ("sd-vae-test", 0.18215, IMAGE_SIZE)
@@ -243,7 +243,7 @@ def test_command_line_mistakes_are_one_line(tmp_path):
     import sys
 
     commands = {
-        "dico_jax.data.extract": ["--source", f"folder:{tmp_path / 'missing'}", "--vae-weights",
+        "dico_jax.data.extract": ["--source", f"folder:{tmp_path / 'missing'}", "--vae_weights",
                                   str(tmp_path / "vae.safetensors"), "--out", str(tmp_path / "o")],
         "dico_jax.tools.roofline": [str(tmp_path / "missing.hlo")],
     }

@@ -39,7 +39,7 @@ def pod_env(**extra: str) -> dict[str, str]:
 
 def pod_command(n: int, module_args: list[str], devices: int | None = None) -> list[str]:
     devices = devices or 8 // n
-    return [PY, "-m", "dico_jax.tools.local_pod", "-n", str(n), "--devices-per-process",
+    return [PY, "-m", "dico_jax.tools.local_pod", "-n", str(n), "--devices_per_process",
             str(devices), "--grace", "60", "--", PY, "-m", *module_args]
 
 
@@ -231,7 +231,7 @@ def test_a_failing_process_stops_its_peer_with_the_reason():
 
     start = time.monotonic()
     result = subprocess.run(
-        [PY, "-m", "dico_jax.tools.local_pod", "-n", "2", "--devices-per-process", "1",
+        [PY, "-m", "dico_jax.tools.local_pod", "-n", "2", "--devices_per_process", "1",
          "--grace", "100", "--", PY, "-c", FAILING_JOB],
         cwd=REPO, env=pod_env(), capture_output=True, text=True, timeout=200)
     assert result.returncode == 1

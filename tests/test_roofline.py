@@ -201,7 +201,7 @@ def test_cli_reads_a_gzipped_dump_and_names_bad_input(tmp_path, capsys):
     path = tmp_path / "step.hlo.txt.gz"
     with gzip.open(path, "wt") as f:
         f.write(GPU_HLO)
-    summary = roofline.main([str(path), "--device-kind", "NVIDIA H100 80GB HBM3", "--batch", "8"])
+    summary = roofline.main([str(path), "--device_kind", "NVIDIA H100 80GB HBM3", "--batch", "8"])
     out = capsys.readouterr().out
     assert "matmul & conv" in out and "-> at most" in out
     assert summary["bound_s"] > 0
@@ -211,5 +211,5 @@ def test_cli_reads_a_gzipped_dump_and_names_bad_input(tmp_path, capsys):
         roofline.main([str(tmp_path / "missing.hlo")])
     assert "missing.hlo" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        roofline.main([str(path), "--device-kind", "A100"])
+        roofline.main([str(path), "--device_kind", "A100"])
     assert "no peaks known for device kind 'A100'" in capsys.readouterr().err
