@@ -235,6 +235,9 @@ def run(tool: str, main: Callable[[list[str]], Any]) -> None:
     """`absl.app.run(main)`, with the command line checked by `absl_parser(tool)`."""
     from absl import app
 
+    # TensorFlow's and XLA's C++ notes at INFO (oneDNN, absl::InitializeLog) as the modules
+    # load: nothing to act on.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     app.run(main, flags_parser=absl_parser(tool))
 
 

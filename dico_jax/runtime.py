@@ -44,7 +44,11 @@ class QuietOrbax(logging.Filter):
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= self.level or f"{os.sep}orbax{os.sep}" not in record.pathname
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if record.levelno < logging.ERROR and "read only" in str(record.msg).replace("_", " "):
+            return False  # the notes of every read-only look at a checkpoint (a run's steps)
+        return record.levelno >= self.level
 
 
 def quiet_orbax(level: int = logging.WARNING) -> None:

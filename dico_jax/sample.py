@@ -61,7 +61,7 @@ def main(argv):
                                    grid=FLAGS.grid, max_batches=FLAGS.max_batches)
     if jax.process_index() == 0:
         print(f"{source.config['model']['name']} step {source.step} ({source.weights}), "
-              f"{settings.sampler} {settings.respacing or f'{settings.num_steps} steps'}, "
+              f"{sampling.run.describe(settings)}, "
               f"cfg {settings.cfg_scale}: "
               f"{len(report.batches_computed)} batches computed, {len(report.batches_reused)} "
               f"reused; compile {report.compile_secs:.1f} s, {report.images_per_sec:.2f} images/s")

@@ -6,6 +6,7 @@ latest checkpoint in `workdir`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dico_jax import builders, chips
+from dico_jax import builders, chips, run_lock
 from dico_jax import sharding as sharding_lib
 from dico_jax.errors import UserError
 from dico_jax.models import check_norm_impl, count_params, forward_flops_per_image
@@ -264,6 +265,39 @@ class _StepLog:
             self.losses_file.close()
 
 
+PARAMETERS_FILE = "parameters.txt"
+
+
+class _TrainingClock:
+    """Wall time less the spans spent in `paused()` (evaluations, grids, checkpoints)."""
+
+    def __init__(self):
+        self.excluded = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.excluded
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        took = [0.0]
+        try:
+            yield lambda: took[0]
+        finally:
+            took[0] = time.perf_counter() - t0
+            self.excluded += took[0]
+
+
+def _write_grid(grid: Any, ema_params: Any, workdir: str, step: int) -> None:
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        logging.info("grid of step %d: drawing %d x %d samples ...", step, *grid.shape)
+    t0 = time.perf_counter()
+    path = grid.write(ema_params, workdir, step)
+    if is_chief:
+        logging.info("grid of step %d: wrote %s in %.1f s", step, path, time.perf_counter() - t0)
+
+
 def write_run_config(config: ml_collections.ConfigDict, workdir: str, extra: Mapping[str, Any]) -> None:
     """`config.json` in the workdir: the resolved config plus facts about the model."""
     record = json.loads(config.to_json_best_effort())
@@ -274,22 +308,61 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str, extra: Map
     tmp.replace(path)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
     """Trains to `config.num_train_steps`, resuming from the latest checkpoint in `workdir`.
 
-    Returns the final state. Stops early, after saving, when SIGTERM arrives; raises
+    Returns the final state (None for a run that was already finished: nothing is built).
+    Stops early, after saving, when SIGTERM arrives; raises
     `NonFiniteLossError` (without saving) at the first step whose loss or gradient is not finite.
     """
+    from dico_jax import checkpoint as ckpt_lib
+
+    validate_config(config)
+    workdir = ckpt_lib.resolve_workdir(workdir)  # local path or gs://...
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    is_chief = jax.process_index() == 0
+    # One training per workdir: process 0 holds the lock while the run lives.
+    lock = run_lock.RunLock(workdir).acquire() if is_chief else None
+    try:
+        return _train(config, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+    """The step of the run's last checkpoint when it has reached `config.num_train_steps`
+    and left no evaluation undone; None when there is work left."""
+    from dico_jax import checkpoint as ckpt_lib
+    from dico_jax.evaluation import during_training
+
+    saved = ckpt_lib.saved_steps(ckpt_lib.checkpoint_dir(workdir))
+    if not saved or saved[-1] < config.num_train_steps:
+        return None
+    if during_training.active(config):
+        every = int(config.eval.every_steps)
+        done = set(during_training.evaluated_steps(workdir))
+        if any(s not in done for s in range(every, saved[-1] + 1, every)):
+            return None
+    return saved[-1]
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
     from clu import metric_writers, parameter_overview, periodic_actions
 
     from dico_jax import checkpoint as ckpt_lib
     from dico_jax.data import pipeline
     from dico_jax.data import spec as data_spec
 
-    validate_config(config)
-    workdir = ckpt_lib.resolve_workdir(workdir)  # local path or gs://...
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
+    finished = finished_step(config, workdir)
+    if finished is not None:
+        # Nothing is built or compiled for a run that has nothing left to do.
+        logging.info("the run in %s is finished: it has the checkpoint of step %d "
+                     "(config.num_train_steps=%d); nothing to do (raise "
+                     "--config.num_train_steps to train further)", workdir, finished,
+                     config.num_train_steps)
+        return None
 
     data_dir, manifest = prepare_data(config, workdir)
     check_data_matches_config(config, manifest, data_dir)
@@ -345,13 +418,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("resumed from the checkpoint of step %d", restored[0])
     start_step = int(jax.device_get(state.step))
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-    # Statistics read every parameter to the host: only where each process holds them whole
-    # (FSDP over several processes leaves each with a part).
-    whole = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
-    parameter_overview.log_parameter_overview(state.params, include_stats=whole,
-                                              msg=f"{config.model.name} parameters",
-                                              jax_logging_process=0)
+    # Metrics from process 0 only: the others would log the same lines again.
+    writer = (metric_writers.create_default_writer(workdir) if is_chief
+              else metric_writers.MultiWriter([]))
+    if is_chief:
+        # The table of every parameter goes to a file; the log has the count (above).
+        # Statistics read every parameter to the host: only where each process holds them
+        # whole (FSDP over several processes leaves each with a part).
+        whole = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
+        table = parameter_overview.get_parameter_overview(state.params, include_stats=whole)
+        (epath.Path(workdir) / PARAMETERS_FILE).write_text(table + "\n")
+        logging.info("parameter table in %s", epath.Path(workdir) / PARAMETERS_FILE)
 
     t0 = time.perf_counter()
     step_fn = make_train_step(config, model, diffusion, tx, lr_schedule, shardings, mesh).lower(
@@ -368,6 +445,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.num_train_steps, writer=writer,
         every_steps=config.log_every_steps)
+    # The training clock: wall time less evaluations, grids and checkpoint waits, so that the
+    # rate and the ETA are those of the training steps.
+    clock = _TrainingClock()
     step_log = _StepLog(os.path.join(workdir, "losses.jsonl")
                         if config.debug_log_losses and is_chief else None)
     preemption = PreemptionWatch()
@@ -375,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if start_step == 0:
         writer.write_scalars(0, {"perf/compile_secs": compile_secs})
     step = start_step
-    interval_start, interval_step = time.perf_counter(), start_step
+    interval_start, interval_step = clock.now(), start_step
     try:
         while step < config.num_train_steps:
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -384,12 +464,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             step += 1
             step_log.add(step, metrics)
             step_log.drain(keep_last=True)
-            report_progress(step)
+            if is_chief:
+                report_progress(step, t=clock.now())
             last = step == config.num_train_steps
 
             if step % config.log_every_steps == 0 or last:
                 step_log.drain()
-                elapsed = time.perf_counter() - interval_start
+                elapsed = clock.now() - interval_start
                 steps_per_sec = (step - interval_step) / elapsed
                 images_per_sec = steps_per_sec * config.global_batch_size
                 scalars = {f"train/{k}": v for k, v in step_log.interval_means().items()}
@@ -400,28 +481,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                         jax.device_count()),
                 })
                 writer.write_scalars(step, scalars)
-                interval_start, interval_step = time.perf_counter(), step
+                interval_start, interval_step = clock.now(), step
 
             preempted = preemption.reached(step, checkpointer)
             if step % config.checkpoint_every_steps == 0 or last or preempted:
                 step_log.drain()  # never save a state past a non-finite step
-                checkpointer.save(step, state.to_dict(), data_iterator, config.to_dict())
+                with clock.paused() as took:
+                    checkpointer.save(step, state.to_dict(), data_iterator, config.to_dict())
+                if is_chief:
+                    logging.info("checkpoint of step %d started in %.1f s (written in the "
+                                 "background)", step, took())
 
             if not preempted:  # a preempted run stops now and evaluates after its restart
-                during_training.evaluate_if_due(evaluator, step, state.ema_params,
-                                                checkpointer, writer if is_chief else None)
+                with clock.paused():
+                    during_training.evaluate_if_due(evaluator, step, state.ema_params,
+                                                    checkpointer, writer if is_chief else None)
             if grid is not None and config.sample_every_steps and (
                     step % config.sample_every_steps == 0):
-                grid.write(state.ema_params, workdir, step)
+                with clock.paused():
+                    _write_grid(grid, state.ema_params, workdir, step)
 
             if preempted:
                 logging.warning("preempted: saved step %d, stopping", step)
                 break
         else:
             if grid is not None and config.sample_at_end:
-                path = grid.write(state.ema_params, workdir, step)
-                if is_chief:
-                    logging.info("wrote %s", path)
+                _write_grid(grid, state.ema_params, workdir, step)
         step_log.drain()
     except BaseException:
         # Stopping on an error: finish a save already in flight (that checkpoint stays whole)
@@ -432,7 +517,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             logging.error("the checkpoint being saved when the run stopped failed too: %s", err)
         raise
     else:
+        t0 = time.perf_counter()
         checkpointer.wait_until_finished()  # the last save, whole before returning
+        if is_chief:
+            logging.info("last checkpoint written (waited %.1f s); training done",
+                         time.perf_counter() - t0)
     finally:
         preemption.close()
         step_log.close()

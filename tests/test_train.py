@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -278,20 +279,48 @@ def test_sigkill_then_restart_matches_uninterrupted_run(digits_dir, straight_run
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
         first_checkpoint = os.path.join(ckpt_lib.checkpoint_dir(workdir), "4")
         wait_for(lambda: os.path.isdir(first_checkpoint), proc, log_path)
+        # A second training on the live run's workdir refuses, naming the holder; the first
+        # is stopped (SIGSTOP) meanwhile so that it cannot finish first.
+        proc.send_signal(signal.SIGSTOP)
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert second.returncode == 2, second.stderr[-3000:]
+    last = _last_line(second.stderr)
+    assert last.startswith(f"dico_jax.main: error: {workdir} is in use by another training: "
+                           f"host {socket.gethostname()}, process {proc.pid}, since "), last
     killed_at = max(read_losses(workdir))
     assert killed_at < NUM_STEPS, "the run finished before it could be killed"
 
+    # The killed run's lock is left behind; the restart resumes all the same.
+    assert os.path.exists(os.path.join(workdir, "run.lock"))
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from the checkpoint of step" in done.stderr
+    assert not os.path.exists(os.path.join(workdir, "run.lock"))
     losses = read_losses(workdir)
     assert sorted(losses) == list(range(1, NUM_STEPS + 1))
     for step, values in losses.items():  # steps logged before the kill and again after it
         assert values == ref_losses[step] * len(values), step
     on_host, _ = ckpt_lib.restore_to_host(ckpt_lib.checkpoint_dir(workdir))
     assert_trees_equal(on_host["params"], ref_state["params"])
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_so_and_builds_nothing(digits_dir, straight_run, tmp_path,
+                                                  compilation_cache):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    before = sorted(os.listdir(workdir))
+    done = subprocess.run(main_command(str(workdir), digits_dir, sample_at_end=True), cwd=ROOT,
+                          env={**os.environ, **compilation_cache}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"the run in {workdir} is finished: it has the checkpoint of step {NUM_STEPS}"
+            in done.stderr), done.stderr[-3000:]
+    assert "compiled" not in done.stderr and "grid of step" not in done.stderr
+    assert sorted(os.listdir(workdir)) == before
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dico_jax.errors import MissingFile, UserError
+from dico_jax.progress import Progress
 from dico_jax.sampling import parts
 from dico_jax.sampling import sampler as sampler_lib
 
@@ -285,6 +286,13 @@ class Evaluator:
         (nothing is written, so a rerun evaluates the step again).
         """
         t0 = time.perf_counter()
+        chief = jax.process_index() == 0
+        s = self.settings
+        if chief:
+            logging.info("evaluation of step %d: %d samples (%s %s, cfg %s, batch %d) ...", step,
+                         s.num_samples, s.sampler, s.respacing or f"{s.num_steps} steps",
+                         s.cfg_scale, s.batch_size)
+        bar = Progress(f"evaluation of step {step}", s.num_samples, enabled=chief)
         replicated = NamedSharding(self.mesh, P())
         batch = NamedSharding(self.mesh, P(sampler_lib.BATCH_AXIS))
         params = jax.device_put(ema_params, replicated)
@@ -301,8 +309,9 @@ class Evaluator:
                     "no result written")
             outputs.append(jax.tree.map(parts.to_host, self.scorer.features(images)))
             labels.append(y)
-            logging.info("evaluation of step %d: batch %d/%d", step, b + 1, self.num_batches)
-        if jax.process_index() != 0:
+            bar.update(min(s.batch_size, s.num_samples - b * s.batch_size))
+        bar.close()
+        if not chief:
             return None
         n = self.settings.num_samples
         gathered = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outputs)
@@ -313,7 +322,7 @@ class Evaluator:
                       weights="ema", sampling=record)
         _atomic_write(epath.Path(result_path(self.workdir, step)),
                       lambda f: f.write(json.dumps(result, indent=2, sort_keys=True).encode()))
-        logging.info("evaluation of step %d: %s", step,
+        logging.info("evaluation of step %d done in %.1f s: %s", step, result["seconds"],
                      {k: round(float(result[k]), 4) for k in SCALARS if k in result})
         return result
 

@@ -30,13 +30,26 @@ def make_grid_sampler(model: Any, config: Any, latent_shape: tuple[int, int, int
     per_class = int(s.grid_per_class)
     settings = Settings.from_config(config)
     labels = jnp.repeat(jnp.arange(classes, dtype=jnp.int32), per_class)
-    draw = make_sample_fn(model, settings, latent_shape, config=config)
+    draw = make_sample_fn(model, settings, latent_shape, config=config,
+                          noise_sharding=_split_over(mesh, classes * per_class))
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
     def sample(params, key):
         return draw(params, labels, key)
 
     return sample, (classes, per_class)
+
+
+def _split_over(mesh: jax.sharding.Mesh, n: int) -> NamedSharding | None:
+    """The grid's samples split over the mesh axes whose devices divide them evenly (all
+    axes if they can): left replicated, every device would draw the whole grid, a cost that
+    grows with the device count where devices share the host's cores (CPU)."""
+    sizes = dict(mesh.shape)
+    for axes in [tuple(sizes), *[(a,) for a in sorted(sizes, key=sizes.get, reverse=True)]]:
+        size = int(np.prod([sizes[a] for a in axes]))
+        if size > 1 and n % size == 0:
+            return NamedSharding(mesh, PartitionSpec(axes))
+    return None
 
 
 def image_grid(images: np.ndarray, rows: int, *, pad: int = 1, min_cell: int = 32) -> np.ndarray:

@@ -15,15 +15,22 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dico_jax.errors import UserError
+from dico_jax.progress import Progress
 from dico_jax.sampling import parts
 from dico_jax.sampling.grid import write_grid
 from dico_jax.sampling.sampler import (BATCH_AXIS, Settings, batch_labels, make_sampler,
                                        parse_labels, sampling_mesh, sampling_model)
 from dico_jax.sampling.source import Source, image_space
 from dico_jax.sampling.vae import load_vae
+
+
+def describe(settings: Settings) -> str:
+    """The sampler and its steps, e.g. "ddpm 250" or "heun 25 steps"."""
+    return f"{settings.sampler} {settings.respacing or f'{settings.num_steps} steps'}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +119,11 @@ def generate(source: Source, settings: Settings, out: str, *, vae_weights: str |
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(BATCH_AXIS))
     compile_secs = sample_secs = 0.0
+    if progress and chief:
+        logging.info("sampling %d images (%s, cfg %s, seed %d, batch %d): %d batches, %d done "
+                     "before, %d now", settings.num_samples, describe(settings),
+                     settings.cfg_scale, settings.seed, settings.batch_size, num_batches,
+                     len(done), len(todo))
     if todo:
         params = jax.device_put(source.params, replicated)
         vae_params = jax.device_put(vae_params, replicated)
@@ -123,6 +135,8 @@ def generate(source: Source, settings: Settings, out: str, *, vae_weights: str |
             jax.ShapeDtypeStruct((settings.batch_size,), jnp.int32, sharding=batch_sharding),
             seed, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)).compile()
         compile_secs = time.perf_counter() - t0
+        if progress and chief:
+            logging.info("sampler compiled in %.1f s", compile_secs)
 
         def run_batch(b: int, labels: np.ndarray) -> jax.Array:
             global_labels = jax.make_array_from_callback(
@@ -151,8 +165,8 @@ def _run_batches(run_batch, todo, done, settings: Settings, num_classes: int, di
                  progress: bool, on_batch) -> float:
     """Runs the batches `todo`, saving each to `directory`; returns the wall time."""
     chief = jax.process_index() == 0
-    bar = _progress_bar(settings.num_samples, sum(_batch_count(settings, b) for b in done),
-                        enabled=progress)
+    bar = Progress("sampling", settings.num_samples,
+                   done=sum(_batch_count(settings, b) for b in done), enabled=progress)
     t0 = time.perf_counter()
     pending = None  # dispatch batch b before saving batch b - 1, so the devices never wait
     for b in todo + [None]:
@@ -173,11 +187,9 @@ def _run_batches(run_batch, todo, done, settings: Settings, num_classes: int, di
                 parts.write_part(directory, pb, images, plabels)
             if on_batch is not None:
                 on_batch(pb)
-            if bar is not None:
-                bar.update(_batch_count(settings, pb))
+            bar.update(_batch_count(settings, pb))
         pending = result
-    if bar is not None:
-        bar.close()
+    bar.close()
     return time.perf_counter() - t0
 
 
@@ -199,12 +211,3 @@ def _assemble(directory: str, out: str, num_batches: int, settings: Settings, nu
         write_grid(images, grid, cols=len(given) if given and len(given) <= 32 else None)
     # Only now that OUT is whole are the parts given up.
     parts.remove_parts(directory, num_batches)
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=min(initial, total), unit="img", dynamic_ncols=True,
-                desc="sampling")
