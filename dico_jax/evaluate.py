@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from dico_jax import command, errors, runtime
@@ -49,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch_size must be positive")
     if not args.digits and (args.ref is None or args.inception_weights is None):
         parser.error("--ref and --inception_weights are required (or use --digits)")
+    for flag in ("samples", "ref", "inception_weights"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            parser.error(f"--{flag} {path}: no such file")
     if args.digits and (args.ref or args.inception_weights):
         parser.error("--digits uses its own reference and network; drop --ref/--inception_weights")
     return args

@@ -2,7 +2,7 @@
 
     python launch/tpu.py create --name N --zone Z --project P --accelerator_type v5p-64 [--spot] [--queued]
     python launch/tpu.py setup  --name N --zone Z --project P [--repo_url URL] [--mount_bucket B]
-    python launch/tpu.py train  --name N --zone Z --project P --config configs/dico.py:XL \
+    python launch/tpu.py train  --name N --zone Z --project P --config configs/dico.py:XL
                                 --workdir gs://BUCKET/dico-xl [--config.key=value ...]
     python launch/tpu.py logs | status | stop | delete --name N --zone Z --project P
 

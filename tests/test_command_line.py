@@ -149,3 +149,17 @@ def test_argparse_options_take_underscores_and_hide_the_dashed_alias():
     assert parser.parse_args(["--vae_weights", "b", "--batch-size", "3"]).batch_size == 3
     text = parser.format_help()
     assert "--vae_weights" in text and "--vae-weights" not in text and "--batch-size" not in text
+
+
+def test_local_pod_leaves_out_the_gloo_connection_lines():
+    import io
+
+    from dico_jax.tools import local_pod
+
+    out = io.StringIO()
+    script = ("print('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected "
+              "peer ranks is : 1'); print('step 1')")
+    pod = local_pod.Pod([sys.executable, "-c", script], 1, None, out=out)
+    assert pod.wait(5.0) == 0
+    lines = [line for line in out.getvalue().splitlines() if not line.startswith("[local_pod]")]
+    assert lines == ["[0] step 1"]

@@ -1,7 +1,7 @@
 """Throughput benchmark: DiCo training step, forward pass and guided sampler, with a PyTorch baseline.
 
     python -m dico_jax.tools.benchmark --models DiCo-S --batch 8 --dtypes float32 [--torch]
-    python -m dico_jax.tools.benchmark --models DiCo-XL --batch 64 --fwd_batch 128 \
+    python -m dico_jax.tools.benchmark --models DiCo-XL --batch 64 --fwd_batch 128
         --dtypes float32,bfloat16 --torch --json bench.json          # on a GPU
 
 For every (model, dtype): compile time of the full train step (loss, backward, AdamW, EMA),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -63,6 +64,11 @@ def _describe(code: int) -> str:
     return f"exited with code {code}"
 
 
+# The CPU collectives' transport (gloo) prints a line for every connection it makes, with no
+# setting to turn it off; a local pod's log leaves them out.
+GLOO_CHATTER = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+
+
 class Pod:
     def __init__(self, command: Sequence[str], count: int, devices_per_process: int | None,
                  port: int | None = None, out=None):
@@ -90,6 +96,8 @@ class Pod:
     def _pump(self, index: int, proc: subprocess.Popen) -> None:
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\n")
+            if GLOO_CHATTER.match(line):
+                continue
             with self.lock:
                 self.out.write(f"[{index}] {line}\n")
                 self.out.flush()
