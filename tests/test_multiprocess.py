@@ -93,6 +93,12 @@ def test_two_process_training_matches_one_process_and_writes_its_grid(tmp_path, 
     assert (workdir / "samples.png").stat().st_size > 0
     assert (workdir / "samples_00000008.png").exists()
     assert "[1]" in result.stdout and "[0]" in result.stdout
+    # Quiet logs: metrics from process 0 only, no gloo connection lines, the parameter table
+    # in a file.
+    metric_lines = [line for line in result.stdout.splitlines() if "train/loss=" in line]
+    assert metric_lines and all(line.startswith("[0]") for line in metric_lines)
+    assert "[Gloo]" not in result.stdout and "Total: " not in result.stdout
+    assert "x_embedder/kernel" in (workdir / "parameters.txt").read_text()
     assert_losses_close(losses(workdir), reference, range(1, 9), rtol=1e-4)
     train(1, workdir)
     assert_losses_close(losses(workdir), reference, range(9, STEPS + 1), rtol=1e-4)

@@ -78,8 +78,8 @@ def evaluate_run(workdir: str, overrides: dict, steps: list[int] | None = None) 
         return []
     space = source_lib.image_space(config, workdir)
     evaluator = during_training.Evaluator.from_config(config, workdir, space)
-    writer = metric_writers.create_default_writer(workdir,
-                                                  just_logging=jax.process_index() != 0)
+    writer = (metric_writers.create_default_writer(workdir) if jax.process_index() == 0
+              else metric_writers.MultiWriter([]))  # the metrics once, from process 0
     for step in todo:
         weights = ckpt_lib.restore_to_host(directory, step, ("ema_params",))[0]["ema_params"]
         result = evaluator.evaluate(weights, step)
