@@ -88,6 +88,21 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config.ema_decay must lie in [0, 1], got {config.ema_decay}")
     if config.dtype not in ("float32", "bfloat16"):
         raise UserError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+    if config.data.builtin == "digits" and not config.data.dir:
+        check_unused_files(config, False, "the built-in digits")
+
+
+def check_unused_files(config: ml_collections.ConfigDict, latent: bool, what: str) -> None:
+    """A file named in the config that this run would not read: said, not ignored. Pixel data
+    (`what` names them) need no VAE, and are scored with the digits' own network."""
+    if latent:
+        return
+    for field in ("vae_weights", "eval.vae_weights", "eval.reference", "eval.inception_weights"):
+        section, _, leaf = field.rpartition(".")
+        value = (config[section] if section else config).get(leaf)
+        if value:
+            raise UserError(f"config.{field}={value}: {what} are pixels, so this run uses no "
+                            f"such file; leave config.{field} empty")
 
 
 def check_workdir(workdir: str) -> None:
@@ -369,6 +384,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
     config = resolve_config(config, manifest)
     latent_shape = tuple(manifest.latent_shape)
     space = data_spec.from_manifest(manifest)
+    check_unused_files(config, space.vae, f"the data in {data_dir}")
     # Missing weights or references for the grids or evaluations: an error now, not later.
     from dico_jax.evaluation import during_training
     from dico_jax.sampling import grid as sampling_grid

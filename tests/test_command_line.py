@@ -163,3 +163,16 @@ def test_local_pod_leaves_out_the_gloo_connection_lines():
     assert pod.wait(5.0) == 0
     lines = [line for line in out.getvalue().splitlines() if not line.startswith("[local_pod]")]
     assert lines == ["[0] step 1"]
+
+
+def test_a_file_the_run_would_not_read_is_named():
+    from configs import digits
+
+    from dico_jax import errors, train
+
+    config = digits.get_config()
+    train.check_settings(config)
+    config.vae_weights = "sd-vae-ft-ema/"
+    with pytest.raises(errors.UserError, match="config.vae_weights=sd-vae-ft-ema/: the built-in "
+                       "digits are pixels, so this run uses no such file"):
+        train.check_settings(config)

@@ -184,6 +184,10 @@ def test_bad_input_errors(workdir, tmp_path):
     source = sample_lib.load_source(workdir=workdir)
     with pytest.raises(ValueError, match="sampling.batch_size 12 must be a positive multiple of the 8"):
         sample_lib.generate(source, settings(batch_size=12), str(tmp_path / "x.npz"))
+    # Pixels need no VAE: weights given for one are named, not ignored.
+    with pytest.raises(ValueError, match="--vae_weights vae/: this run's network generates "
+                       "pixels .* uses no VAE; drop --vae_weights"):
+        sample_lib.generate(source, settings(), str(tmp_path / "x.npz"), vae_weights="vae/")
     # The same weights under an ImageNet-latent config: the VAE is needed.
     source.config = {**source.config, "data": {"dir": "", "builtin": ""}, "resolution": 64}
     with pytest.raises(ValueError, match="VAE latents .*--vae_weights"):
