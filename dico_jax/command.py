@@ -46,7 +46,8 @@ def _config_flags(flag_values: Any = None) -> list[Any]:
     from ml_collections.config_flags import config_flags as cf
 
     seen, found = set(), []
-    for flag in (flag_values or flags.FLAGS)._flags().values():  # noqa: SLF001 - absl has no public iterator
+    # absl has no public iterator over the flag objects.
+    for flag in (flag_values or flags.FLAGS)._flags().values():  # noqa: SLF001
         if isinstance(flag, cf._ConfigFlag) and id(flag) not in seen:  # noqa: SLF001
             seen.add(id(flag))
             found.append(flag)
@@ -94,7 +95,8 @@ def _unknown_field(argv: Sequence[str], flag: Any) -> str | None:
             path = match.group(1)
             parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
             siblings = [p for p in paths if p.startswith(parent) and "." not in p[len(parent):]]
-            hint = nearest(path, siblings).replace("(did you mean ", f"(did you mean --{flag.name}.")
+            hint = nearest(path, siblings).replace("(did you mean ",
+                                                   f"(did you mean --{flag.name}.")
             return f"--{flag.name}.{path}: the config has no field {path!r}{hint}"
     return None
 

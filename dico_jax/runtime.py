@@ -28,7 +28,7 @@ import time
 import jax
 
 from dico_jax import host_memory
-from dico_jax.errors import UserError
+from dico_jax.errors import UserError, show_tracebacks
 from dico_jax import sharding as sharding_lib
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,13 @@ class QuietOrbax(logging.Filter):
             return True
         if record.levelno < logging.ERROR and "read only" in str(record.msg).replace("_", " "):
             return False  # the notes of every read-only look at a checkpoint (a run's steps)
+        if record.exc_info and record.exc_info[1] is not None and not show_tracebacks():
+            # A save that failed in Orbax's background thread (a full disk): its error, in
+            # one line; the run then stops with its own line saying what to do.
+            err = record.exc_info[1]
+            why = " ".join(str(err).split())[:300]
+            record.msg = f"{record.getMessage()} ({type(err).__name__}: {why})"
+            record.args, record.exc_info, record.exc_text = (), None, None
         return record.levelno >= self.level
 
 
