@@ -46,7 +46,8 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         new = self.done - self.start_count
         rate = new / elapsed if elapsed > 0 else 0.0
-        text = f"{self.what}: {self.done:,}/{self.total:,} {self.unit}, {rate:.3g} {self.unit}/s"
+        shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+        text = f"{self.what}: {self.done:,}/{self.total:,} {self.unit}, {shown} {self.unit}/s"
         if self.done < self.total and rate > 0:
             text += f", about {duration((self.total - self.done) / rate)} left"
         return text + f" ({duration(elapsed)} so far)"

@@ -351,9 +351,16 @@ def finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None
     from dico_jax import checkpoint as ckpt_lib
     from dico_jax.evaluation import during_training
 
-    saved = ckpt_lib.saved_steps(ckpt_lib.checkpoint_dir(workdir))
+    directory = ckpt_lib.checkpoint_dir(workdir)
+    saved = ckpt_lib.saved_steps(directory)
     if not saved or saved[-1] < config.num_train_steps:
         return None
+    try:
+        saved_config = ckpt_lib.read_config(directory, saved[-1])
+    except Exception:  # noqa: BLE001 - an older or damaged step: the full start-up decides
+        return None
+    # Another model than the run's is a mistake to name, not a finished run.
+    ckpt_lib.check_same_model(saved_config, config, f"{directory}/{saved[-1]}")
     if during_training.active(config):
         every = int(config.eval.every_steps)
         done = set(during_training.evaluated_steps(workdir))
