@@ -322,6 +322,27 @@ def quiet_backends() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
+def import_quietly(module: str) -> None:
+    """Imports `module` with the process's stderr (fd 2) closed meanwhile: TensorFlow (which
+    clu's metric writers load) prints C++ notes as it loads (oneDNN, CPU features,
+    absl::InitializeLog) that no setting turns off. Python errors still raise."""
+    from absl import logging as absl_logging
+
+    if module in sys.modules or absl_logging.get_verbosity() >= absl_logging.DEBUG:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        importlib.import_module(module)
+    except ImportError:
+        pass  # the caller's own import says what is missing
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def start(orbax_level: int = logging.WARNING) -> None:
     """Start-up of a command: host memory (before the backend starts), logs, processes."""
     quiet_backends()

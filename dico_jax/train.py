@@ -370,12 +370,6 @@ def finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
-    from clu import metric_writers, parameter_overview, periodic_actions
-
-    from dico_jax import checkpoint as ckpt_lib
-    from dico_jax.data import pipeline
-    from dico_jax.data import spec as data_spec
-
     is_chief = jax.process_index() == 0
     finished = finished_step(config, workdir)
     if finished is not None:
@@ -385,6 +379,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
                      "--config.num_train_steps to train further)", workdir, finished,
                      config.num_train_steps)
         return None
+
+    from dico_jax import runtime
+
+    runtime.import_quietly("tensorflow")  # before clu loads it
+    from clu import metric_writers, parameter_overview, periodic_actions
+
+    from dico_jax import checkpoint as ckpt_lib
+    from dico_jax.data import pipeline
+    from dico_jax.data import spec as data_spec
 
     data_dir, manifest = prepare_data(config, workdir)
     check_data_matches_config(config, manifest, data_dir)
