@@ -121,8 +121,9 @@ def flag_error(err: BaseException, argv: Sequence[str], flag_values: Any = None)
                     path = match.group(2)
                     fix = ""
                     if hint:
-                        fix = (f" (did you mean --{match.group(1)}."
-                               f"{path.replace(name, hint.group(1))}?)")
+                        fixed = ".".join(hint.group(1) if part == name else part
+                                         for part in path.split("."))
+                        fix = f" (did you mean --{match.group(1)}.{fixed}?)"
                     return f"--{match.group(1)}.{path}: the config has no field {path!r}{fix}"
     if "Error whilst parsing config file" in text:
         # The config file's own error (e.g. an unknown preset) is the last line of its traceback.
