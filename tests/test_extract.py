@@ -189,9 +189,11 @@ def test_extraction_fails_early_on_a_count_mismatch(image_tree, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_arguments():
-    args = extract.parse_args(["--source", "folder:/x", "--vae_weights", "w.safetensors", "--out", "o",
-                               "--storage", "moments", "--shard_size", "10"])
+def test_cli_arguments(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    args = extract.parse_args(["--source", f"folder:{tmp_path}", "--vae_weights", str(weights),
+                               "--out", "o", "--storage", "moments", "--shard-size", "10"])
     assert (args.storage, args.shard_size, args.batch_size, args.image_size, args.expected_count) == (
         "moments", 10, 64, 256, None)
     with pytest.raises(SystemExit):

@@ -359,6 +359,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {value}")
     if args.max_skipped < 0:
         parser.error(f"--max_skipped must be >= 0, got {args.max_skipped}")
+    kind, _, where = args.source.partition(":")
+    if kind == "folder" and not os.path.isdir(where):
+        parser.error(f"--source {args.source}: no such folder {where}")
     if not os.path.exists(args.vae_weights):
         parser.error(f"--vae_weights {args.vae_weights}: no such file or folder")
     return args
