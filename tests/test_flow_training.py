@@ -54,7 +54,11 @@ def flow_run(tmp_path_factory):
     config = set_fields(digits_config.get_config("flow"), data__dir=data_dir,
                         num_train_steps=NUM_STEPS, log_every_steps=100,
                         checkpoint_every_steps=NUM_STEPS, sample_at_end=False,
-                        ema_decay=0.98, debug_log_losses=True)
+                        ema_decay=0.98, debug_log_losses=True,
+                        # The run evaluates itself once, with the config's own evaluation
+                        # sampler (Heun: the objective's), on fewer samples.
+                        eval__every_steps=NUM_STEPS, eval__num_samples=200,
+                        eval__batch_size=200)
     train.train_and_evaluate(config, workdir)
     return workdir
 
@@ -85,6 +89,15 @@ def test_trained_flow_model_clears_the_quality_floor(flow_run, tmp_path):
                            np.zeros((1,), np.float32), np.zeros((1,), np.int32))["params"]
     scores = digit_scores(dataclasses.replace(source, params=untrained), tmp_path / "untrained.npz")
     assert scores["fid"] > MAX_FID and scores["accuracy"] < MIN_ACCURACY, scores
+
+
+def test_flow_run_evaluates_itself_with_an_ode_sampler(flow_run):
+    with open(os.path.join(flow_run, "eval", f"{NUM_STEPS}.json")) as f:
+        result = json.load(f)
+    steps = digits_config.get_config("flow").eval.num_steps
+    assert (result["sampling"]["sampler"], result["sampling"]["num_steps"]) == ("heun", steps)
+    assert result["num_samples"] == 200 and math.isfinite(result["fid"])
+    assert result["fid"] < 2 * MAX_FID  # 200 samples, Heun-13: a looser floor than below
 
 
 def test_flow_metrics_have_no_vb(flow_run):

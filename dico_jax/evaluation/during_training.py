@@ -70,13 +70,13 @@ def settings_from_config(config: Mapping[str, Any], num_devices: int) -> sampler
     if batch % num_devices:
         raise UserError(f"config.eval.batch_size={batch} must be a multiple of the "
                         f"{num_devices} devices")
-    sampler, respacing = sampler_lib.resolve_sampler(e.get("sampler", "ddpm"), e.get("respacing"))
+    sampler, respacing, num_steps = sampler_lib.sampler_settings(config, "eval")
     guidance = e.get("guidance_channels", 3)
     return sampler_lib.Settings(
         num_samples=num_samples, batch_size=batch, seed=int(config.get("seed", 0)),
         cfg_scale=float(e.get("cfg_scale", 1.0)),
         guidance_channels=None if guidance is None else int(guidance),
-        sampler=sampler, respacing=respacing, labels=None,
+        sampler=sampler, respacing=respacing, labels=None, num_steps=num_steps,
         dtype=str(config.get("dtype", "float32")))
 
 
