@@ -243,17 +243,17 @@ def test_every_config_file_named_exists():
 
 
 def test_the_readme_numbers_come_from_the_record():
-    """Quality and speed figures of the README (lines naming FID, img/s or MFU) are those of
-    the record in docs/, where each has its date, device and command."""
+    """Quality and speed figures of the README (paragraphs and list items naming FID, img/s
+    or MFU) are those of the record in docs/, where each has its date, device and command."""
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     record = ""
     for name in doc_files()[1:]:
         with open(os.path.join(ROOT, name)) as f:
             record += f.read()
-    stray = [f"README.md:{i}: {n}" for i, line in enumerate(readme.split("\n"), 1)
-             if re.search(r"FID|img/s|MFU", line)
-             for n in re.findall(r"\d[\d,]*\.\d+(?:e\d+)?", line)
+    stray = [f"README.md: {n} in {part[:60]!r}..." for part in re.split(r"\n\s*\n|\n- ", readme)
+             if re.search(r"FID|img/s|MFU", part)
+             for n in re.findall(r"\d[\d,]*\.\d+(?:e\d+)?", part)
              if not re.search(rf"(?<![\d.,]){re.escape(n)}(?![\d])", record)]
     assert not stray, "numbers of the README missing from docs/:\n" + "\n".join(stray)
 
