@@ -124,6 +124,17 @@ def test_evaluate_run_redoes_only_missing_steps(digits_run):
     assert evaluate_run.evaluate_run(digits_run, {}) == []
     with pytest.raises(errors.UserError, match="--config.model.name"):
         evaluate_run.evaluate_run(digits_run, {"model.name": "DiCo-B"})
+    # Other settings than the stored results': reported, never silently reused; --force
+    # redoes the chosen steps with them.
+    fewer = {"eval.respacing": "10"}
+    with pytest.raises(errors.UserError, match=r"step\(s\) \[100, 200, 300\].*"
+                                               r"sampling.respacing: '25' -> '10'.*--force"):
+        evaluate_run.evaluate_run(digits_run, fewer)
+    assert evaluate_run.evaluate_run(digits_run, fewer, steps=[300], force=True) == [300]
+    redone = read_results(digits_run)
+    assert redone[300]["sampling"]["respacing"] == "10" and redone[200] == after[200]
+    with pytest.raises(errors.UserError, match=r"step\(s\) \[300\]"):
+        evaluate_run.evaluate_run(digits_run, {}, steps=[200, 300])
 
 
 @pytest.mark.slow

@@ -80,6 +80,40 @@ def settings_from_config(config: Mapping[str, Any], num_devices: int) -> sampler
         dtype=str(config.get("dtype", "float32")))
 
 
+LABELS_RULE = "sample i: class i mod num_classes"
+
+
+def result_settings(config: Mapping[str, Any], settings: sampler_lib.Settings) -> dict:
+    """What decides an evaluation's result besides the weights, as its `eval/<step>.json`
+    records it: the sampler's settings, the number of samples and the reference batch."""
+    record = settings.record()
+    record["labels"] = LABELS_RULE
+    return {"sampling": record, "num_samples": settings.num_samples,
+            "reference": os.path.basename(str(config["eval"].get("reference") or ""))}
+
+
+def read_result(workdir: str, step: int) -> dict:
+    with epath.Path(result_path(workdir, step)).open("r") as f:
+        return json.load(f)
+
+
+def settings_differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """"field: stored -> expected" for each setting of a stored result that differs (a setting
+    the result does not record, from before it was recorded, is not compared)."""
+    diffs = []
+    for key, want in expected.items():
+        if key not in stored:
+            continue
+        have = stored[key]
+        if isinstance(want, Mapping) and isinstance(have, Mapping):
+            diffs += [f"{key}.{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items()
+                      if k in have and have[k] != v]
+            diffs += [f"{key}.{k}: {have[k]!r} -> (none)" for k in have if k not in want]
+        elif have != want:
+            diffs.append(f"{key}: {have!r} -> {want!r}")
+    return diffs
+
+
 def validate(config: Mapping[str, Any], latent: bool) -> None:
     """Clear errors, before any training, for an evaluation that could not run later."""
     every = int(config["eval"]["every_steps"])
@@ -231,6 +265,7 @@ class Evaluator:
     scorer: Any
     mesh: Any
     every_steps: int = 0
+    recorded_settings: dict = dataclasses.field(default_factory=dict)  # `result_settings`
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], workdir: str, space: Any, *,
@@ -247,7 +282,7 @@ class Evaluator:
                 "config.eval.reference"), why)
             inception_path = files.pop("config.eval.inception_weights")
             if vae is None:
-                from dico_jax.sampling.vae import load_vae
+                from dico_jax.convert.vae import load_vae
 
                 vae = load_vae(check_file(*files.popitem(), why), settings.dtype)
             vae_module, vae_params = vae
@@ -265,7 +300,7 @@ class Evaluator:
                                           vae=vae_module)
         vae_params = jax.device_put(vae_params, NamedSharding(mesh, P()))
         return cls(settings, space.num_classes, workdir, sample, vae_params, scorer, mesh,
-                   int(config["eval"].get("every_steps", 0)))
+                   int(config["eval"].get("every_steps", 0)), result_settings(config, settings))
 
     @property
     def num_batches(self) -> int:
@@ -307,10 +342,8 @@ class Evaluator:
         n = self.settings.num_samples
         gathered = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outputs)
         result = self.scorer.score(gathered, np.concatenate(labels)[:n])
-        record = self.settings.record()
-        record["labels"] = "sample i: class i mod num_classes"
-        result.update(step=int(step), num_samples=n, seconds=time.perf_counter() - t0,
-                      weights="ema", sampling=record)
+        result.update(step=int(step), seconds=time.perf_counter() - t0, weights="ema",
+                      **self.recorded_settings)
         _atomic_write(epath.Path(result_path(self.workdir, step)),
                       lambda f: f.write(json.dumps(result, indent=2, sort_keys=True).encode()))
         logging.info("evaluation of step %d: %s", step,
