@@ -15,6 +15,7 @@ from PIL import Image
 
 from dico_jax import checkpoint as ckpt_lib
 from dico_jax import sampling as sample_lib
+from dico_jax.convert.vae import load_vae
 from dico_jax.diffusion import resolve_sampler
 from dico_jax.models import abstract_params, get_model
 
@@ -285,7 +286,7 @@ def test_vae_decoding_matches_diffusers(tiny_vae_dir):
     import torch
 
     path, torch_vae = tiny_vae_dir
-    module, params = sample_lib.load_vae(path)
+    module, params = load_vae(path)
     assert tuple(module.block_out_channels) == (32, 64) and module.norm_num_groups == 8
     latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     ours = np.asarray(jax.jit(lambda p, z: sample_lib.to_uint8_images(z, module, p, 0.18215))(

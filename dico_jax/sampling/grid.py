@@ -118,7 +118,7 @@ class TrainingGrid:
         check_grid_config(config, space)
         vae = None
         if space.vae:
-            from dico_jax.sampling.vae import load_vae
+            from dico_jax.convert.vae import load_vae
 
             vae = load_vae(config.vae_weights, str(config.get("dtype", "float32")))
         return cls(model, config, space, mesh, vae)

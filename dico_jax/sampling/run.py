@@ -23,7 +23,7 @@ from dico_jax.sampling.grid import write_grid
 from dico_jax.sampling.sampler import (BATCH_AXIS, Settings, batch_labels, make_sampler,
                                        parse_labels, sampling_mesh, sampling_model)
 from dico_jax.sampling.source import Source, image_space
-from dico_jax.sampling.vae import load_vae
+from dico_jax.convert.vae import load_vae
 
 
 @dataclasses.dataclass(frozen=True)
