@@ -300,6 +300,8 @@ def test_latent_training_grid_is_decoded_with_the_vae(tmp_path):
                                       (vae, vae_params))
     path = training_grid.write(params, str(tmp_path), 7)
     image = np.asarray(Image.open(path))
-    # 2 rows x 3 columns of 16x16 RGB images, enlarged to 32x32 cells with 1-pixel gaps.
-    assert image.shape == (2 * 33 + 1, 3 * 33 + 1, 3)
+    # 2 rows x 3 columns of 16x16 RGB images, enlarged to 32x32 cells with 1-pixel gaps,
+    # their classes written left of the rows.
+    assert image.shape[0] == 2 * 33 + 1 and image.shape[1] > 3 * 33 + 1 and image.shape[2] == 3
+    assert (image[:, :image.shape[1] - (3 * 33 + 1)] < 128).any()
     assert os.path.isfile(tmp_path / "samples_00000007.png")
