@@ -183,3 +183,15 @@ def test_evaluation_and_sampling_follow_the_objective():
     with pytest.raises(UserError, match=r"^config.eval.sampler='heun'.*kind='ddpm'"):
         train.validate_config(parse(f"--config={DIGITS}", "--config.eval.sampler=heun"),
                               num_devices=8)
+
+
+def test_load_reads_a_config_as_the_trainer_does(tmp_path):
+    import configs
+    from dico_jax.errors import MissingFile, UserError
+
+    assert configs.load(f"{DIGITS}:flow").to_dict() == parse(f"--config={DIGITS}:flow").to_dict()
+    assert configs.load(DICO).model.name == "DiCo-XL"
+    with pytest.raises(MissingFile, match="nope.py does not exist"):
+        configs.load(str(tmp_path / "nope.py"))
+    with pytest.raises(UserError, match="unknown scale 'XXL'"):
+        configs.load(f"{DICO}:XXL")

@@ -127,6 +127,25 @@ def test_flow_checkpoint_exports_to_the_reference_with_in_channels_outputs(flow_
         TorchDiCo(config["model"]["hidden_size"], tuple(config["model"]["depths"]),
                   in_channels=1, num_classes=10).load_state_dict(state["ema"], strict=True)
 
+    # Back with the run's config (8x8 digits, flow matching): the checkpoint samples as the
+    # run does, the same images from the same settings.
+    from dico_jax.convert.__main__ import main as convert_main
+
+    back = str(tmp_path / "back")
+    assert convert_main(["from-torch", "--config", f"{ROOT}/configs/digits.py:flow", "--src",
+                         report.files[0], "--out", back]) == 0
+    run, converted = sample_lib.load_source(workdir=flow_run), sample_lib.load_source(
+        checkpoint=back)
+    assert converted.config["diffusion"]["kind"] == "flow"
+    assert converted.config["resolution"] == 8 and converted.config["data"]["builtin"] == "digits"
+    settings = heun_settings(num_samples=16, batch_size=16, num_steps=2)
+    sample_lib.generate(run, settings, str(tmp_path / "run.npz"), progress=False)
+    sample_lib.generate(converted, settings, str(tmp_path / "back.npz"), progress=False)
+    with np.load(tmp_path / "run.npz") as a, np.load(tmp_path / "back.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    assert convert_main(["from-torch", "--config", f"{ROOT}/configs/digits.py", "--resolution",
+                         "256", "--src", report.files[0], "--out", str(tmp_path / "x")]) == 2
+
 
 # ---------------------------------------------------------------------------------------------
 # Every sampler by name, on tiny random networks (no training).
