@@ -316,6 +316,7 @@ def test_every_argparse_command_parses():
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_every_absl_command_parses():
     """Each absl command's variants go to one process of that command, which parses them
     with its flags and config (`_absl_worker` below)."""
