@@ -267,7 +267,7 @@ def test_training_grid_rows_are_classes_drawn_by_the_same_sampler():
     assert grid.shape == (3 * 33 + 1, 2 * 33 + 1, 1) and grid.dtype == np.uint8
 
 
-def test_grids_are_labelled_by_class():
+def test_grids_are_labelled_by_class(tmp_path):
     images = np.full((6, 8, 8, 1), 128, np.uint8)
     plain = sample_lib.image_grid(images, rows=2)
     rows = sample_lib.image_grid(images, rows=2, row_labels=[3, 7])
@@ -286,6 +286,12 @@ def test_grids_are_labelled_by_class():
     assert cells.shape[1] == plain.shape[1] and cells.shape[0] > plain.shape[0]
     with pytest.raises(ValueError, match="row_labels: 1 labels for 2 rows"):
         sample_lib.image_grid(images, rows=2, row_labels=[1])
+    # An .npz preview of a cycled label list: one class per column, named above it.
+    path = str(tmp_path / "by_column.png")
+    sample_lib.write_grid(images, path, cols=3, labels=np.array([2, 7, 4] * 2),
+                          class_per_column=True)
+    np.testing.assert_array_equal(np.asarray(Image.open(path))[..., None], sample_lib.image_grid(
+        images, rows=2, col_labels=[2, 7, 4]))
 
 
 # ---------------------------------------------------------------------------------------------
