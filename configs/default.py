@@ -14,6 +14,8 @@ from dico_jax.models import MODEL_NAMES
 SCALES = tuple(name.removeprefix("DiCo-") for name in MODEL_NAMES)
 RESOLUTIONS = (256, 512)
 
+# The arguments `get_config` takes (none): tests/test_configs.py checks each config file's.
+PRESETS = ("",)
 
 _BOOLS = {"true": True, "1": True, "false": False, "0": False}
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
@@ -149,9 +151,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Samplers (dico_jax.diffusion.SAMPLERS): "ddpm", "ddim" or "ddimN" for kind="ddpm",
     # which take `respacing` (the kept DDPM steps); "euler", "heun" (ODE) or "euler_maruyama"
     # (SDE) for kind="flow", which take `num_steps` (solver steps; Heun evaluates the network
-    # twice per step, Euler-Maruyama counts its last step among them).
+    # twice per step, Euler-Maruyama counts its last step among them). Empty: the objective's
+    # own, "ddpm" for kind="ddpm" and "heun" for kind="flow".
     config.sampling = ml_collections.ConfigDict()
-    config.sampling.sampler = "ddpm"
+    config.sampling.sampler = ""
     config.sampling.respacing = "250"
     config.sampling.num_steps = 50
     config.sampling.cfg_scale = 1.5
@@ -184,13 +187,17 @@ def get_config() -> ml_collections.ConfigDict:
     # (0: never; a multiple of checkpoint_every_steps) the EMA weights draw `num_samples`
     # images, labels spread evenly over the classes and the same noise at every evaluation,
     # scored against `reference`; results in workdir/eval/<step>.json and TensorBoard eval/*.
-    # The defaults are the paper's scaling-table protocol: 250 DDPM steps, no guidance.
+    # The defaults are the paper's scaling-table protocol: 250 DDPM steps, no guidance. The
+    # sampler takes `respacing` or `num_steps` as in `config.sampling`; empty, it follows the
+    # objective: "ddpm" for kind="ddpm", and for kind="flow" Heun with `num_steps`=125
+    # (250 network evaluations, the cost of the DDPM protocol).
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 0
     config.eval.num_samples = 10_000
     config.eval.batch_size = 0  # global, a multiple of the device count (0: 32 per device)
-    config.eval.sampler = "ddpm"
+    config.eval.sampler = ""
     config.eval.respacing = "250"
+    config.eval.num_steps = 125
     config.eval.cfg_scale = 1.0
     config.eval.guidance_channels = 3
     # Latent runs: the ADM reference batch (VIRTUAL_imagenet256_labeled.npz), the pytorch-fid

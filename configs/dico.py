@@ -16,6 +16,12 @@ from configs import default
 # The long runs (arXiv 2505.11196, Table 7): DiCo-XL to 3.75M steps at 256, 3M at 512.
 LONG_RUN_STEPS = {("XL", 256): 3_750_000, ("XL", 512): 3_000_000}
 
+# Every argument this file documents: each one's config passes the trainer's start-up checks
+# (tests/test_configs.py).
+PRESETS = tuple(f"{scale}{'' if res == 256 else f',res={res}'}"
+                for res in default.RESOLUTIONS for scale in default.SCALES) + tuple(
+    f"{scale},res={res},long" for scale, res in LONG_RUN_STEPS)
+
 
 def parse_arg(arg: str | None) -> tuple[str, int, bool]:
     """"XL" or "XL,res=512" or "XL,long" -> ("XL", 512, False)."""

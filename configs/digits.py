@@ -10,6 +10,9 @@ prediction) and samples with a few Heun steps instead of 100 DDPM steps.
 """
 from configs import default
 
+# Every argument this file documents (tests/test_configs.py checks each one's config).
+PRESETS = ("", "flow")
+
 
 def get_config(arg: str | None = None):
     args = default.parse_arg(arg, flow=False)
@@ -41,6 +44,7 @@ def get_config(arg: str | None = None):
     config.eval.num_samples = 1000
     config.eval.batch_size = 1000
     config.eval.respacing = "25"
+    config.eval.num_steps = 13  # flow: Heun-13, 26 network evaluations
     config.eval.guidance_channels = 1
     config.keep_every_steps = 500
 

@@ -124,6 +124,17 @@ def validate_config(config: ml_collections.ConfigDict,
         axes = sharding_lib.resolve_axis_sizes(config.mesh, num_devices)
     except ValueError as err:
         raise UserError(str(err)) from None
+    # The objective, and the samplers of the grids and evaluations, which must fit it: checked
+    # now, not at the first grid or evaluation.
+    from dico_jax.evaluation import during_training
+    from dico_jax.sampling import sampler as sampler_lib
+
+    try:
+        builders.build_diffusion(config)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    sampler_lib.Settings.from_config(config, num_devices)
+    during_training.settings_from_config(config, num_devices)
     # The global batch is split over every device (and so over every process), and each
     # micro-batch of gradient accumulation too.
     per_step = int(config.grad_accum_steps) * num_devices

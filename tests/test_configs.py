@@ -39,8 +39,10 @@ def test_dico_official_recipe():
     assert (c.checkpoint_every_steps, c.log_every_steps, c.num_train_steps) == (50_000, 100, 400_000)
     assert (c.diffusion.steps, c.diffusion.noise_schedule, c.diffusion.learn_sigma) == (
         1000, "linear", True)
-    assert (c.sampling.sampler, c.sampling.respacing, c.sampling.guidance_channels) == (
-        "ddpm", "250", 3)
+    from dico_jax.sampling import Settings
+
+    s = Settings.from_config(c)
+    assert (s.sampler, s.respacing, s.guidance_channels) == ("ddpm", "250", 3)
     assert dict(c.mesh) == {"data": -1, "fsdp": 1}
 
 
@@ -115,3 +117,81 @@ def test_digits_flow_config_and_the_objective_fields():
         builders.build_diffusion(bad)
     with pytest.raises(Exception, match="unknown config arg"):
         parse(f"--config={DIGITS}:flwo=1")
+
+
+def config_files():
+    """Every training config file of configs/ (sweep.py describes runs of dico.py)."""
+    return sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                  if f.endswith(".py") and f not in ("__init__.py", "sweep.py"))
+
+
+def test_every_config_file_lists_its_presets():
+    import importlib
+
+    assert {"default.py", "dico.py", "digits.py"} <= set(config_files())
+    for name in config_files():
+        module = importlib.import_module(f"configs.{name[:-3]}")
+        assert getattr(module, "PRESETS", None), f"configs/{name} lists no PRESETS"
+
+
+@pytest.mark.parametrize("name", config_files())
+def test_every_preset_passes_the_start_up_checks(name):
+    """The checks the trainer runs before building anything (8 devices, as on a v5p-16 or a
+    GPU host), for every preset of every config file, and for every run of the sweep."""
+    import importlib
+
+    from dico_jax import train
+
+    module = importlib.import_module(f"configs.{name[:-3]}")
+    for preset in module.PRESETS:
+        train.validate_config(parse(f"--config={os.path.join(ROOT, 'configs', name)}"
+                                    + (f":{preset}" if preset else "")), num_devices=8)
+    if name == "dico.py":
+        from configs import sweep
+
+        for variant in ("paper", "smoke"):
+            for run in sweep.run_specs(sweep.get_config(variant), "gs://b/sweep"):
+                train.validate_config(parse(f"--config={ROOT}/{run['config']}",
+                                            *run["overrides"]), num_devices=8)
+
+
+def test_evaluation_and_sampling_follow_the_objective():
+    """A flow run samples and evaluates with an ODE solver and its step count unless told
+    otherwise; a sampler of the other objective, or no steps, is refused naming the field."""
+    from dico_jax import train
+    from dico_jax.evaluation import during_training
+    from dico_jax.errors import UserError
+    from dico_jax.sampling import sampler as sampler_lib
+
+    flow = parse(f"--config={DIGITS}:flow")
+    e = during_training.settings_from_config(flow, 8)
+    assert (e.sampler, e.num_steps) == ("heun", flow.eval.num_steps) and e.num_steps >= 1
+    flow_xl = parse(f"--config={DICO}:XL", "--config.diffusion.kind=flow",
+                    "--config.diffusion.learn_sigma=False")
+    train.validate_config(flow_xl, num_devices=8)
+    assert sampler_lib.Settings.from_config(flow_xl).sampler == "heun"
+    assert during_training.settings_from_config(flow_xl, 8).sampler == "heun"
+    ddpm = during_training.settings_from_config(parse(f"--config={DIGITS}"), 8)
+    assert (ddpm.sampler, ddpm.respacing) == ("ddpm", "25")
+    for args, field in [(("--config.eval.sampler=ddpm",), "config.eval.sampler"),
+                        (("--config.eval.num_steps=0",), "config.eval.num_steps"),
+                        (("--config.sampling.sampler=ddim50",), "config.sampling.sampler"),
+                        (("--config.sampling.num_steps=0",), "config.sampling.num_steps"),
+                        (("--config.eval.sampler=rk4",), "config.eval.sampler")]:
+        with pytest.raises(UserError, match=rf"^{field}="):
+            train.validate_config(parse(f"--config={DIGITS}:flow", *args), num_devices=8)
+    with pytest.raises(UserError, match=r"^config.eval.sampler='heun'.*kind='ddpm'"):
+        train.validate_config(parse(f"--config={DIGITS}", "--config.eval.sampler=heun"),
+                              num_devices=8)
+
+
+def test_load_reads_a_config_as_the_trainer_does(tmp_path):
+    import configs
+    from dico_jax.errors import MissingFile, UserError
+
+    assert configs.load(f"{DIGITS}:flow").to_dict() == parse(f"--config={DIGITS}:flow").to_dict()
+    assert configs.load(DICO).model.name == "DiCo-XL"
+    with pytest.raises(MissingFile, match="nope.py does not exist"):
+        configs.load(str(tmp_path / "nope.py"))
+    with pytest.raises(UserError, match="unknown scale 'XXL'"):
+        configs.load(f"{DICO}:XXL")

@@ -124,6 +124,17 @@ def test_evaluate_run_redoes_only_missing_steps(digits_run):
     assert evaluate_run.evaluate_run(digits_run, {}) == []
     with pytest.raises(errors.UserError, match="--config.model.name"):
         evaluate_run.evaluate_run(digits_run, {"model.name": "DiCo-B"})
+    # Other settings than the stored results': reported, never silently reused; --force
+    # redoes the chosen steps with them.
+    fewer = {"eval.respacing": "10"}
+    with pytest.raises(errors.UserError, match=r"step\(s\) \[100, 200, 300\].*"
+                                               r"sampling.respacing: '25' -> '10'.*--force"):
+        evaluate_run.evaluate_run(digits_run, fewer)
+    assert evaluate_run.evaluate_run(digits_run, fewer, steps=[300], force=True) == [300]
+    redone = read_results(digits_run)
+    assert redone[300]["sampling"]["respacing"] == "10" and redone[200] == after[200]
+    with pytest.raises(errors.UserError, match=r"step\(s\) \[300\]"):
+        evaluate_run.evaluate_run(digits_run, {}, steps=[200, 300])
 
 
 @pytest.mark.slow
@@ -289,6 +300,8 @@ def test_latent_training_grid_is_decoded_with_the_vae(tmp_path):
                                       (vae, vae_params))
     path = training_grid.write(params, str(tmp_path), 7)
     image = np.asarray(Image.open(path))
-    # 2 rows x 3 columns of 16x16 RGB images, enlarged to 32x32 cells with 1-pixel gaps.
-    assert image.shape == (2 * 33 + 1, 3 * 33 + 1, 3)
+    # 2 rows x 3 columns of 16x16 RGB images, enlarged to 32x32 cells with 1-pixel gaps,
+    # their classes written left of the rows.
+    assert image.shape[0] == 2 * 33 + 1 and image.shape[1] > 3 * 33 + 1 and image.shape[2] == 3
+    assert (image[:, :image.shape[1] - (3 * 33 + 1)] < 128).any()
     assert os.path.isfile(tmp_path / "samples_00000007.png")

@@ -54,7 +54,11 @@ def flow_run(tmp_path_factory):
     config = set_fields(digits_config.get_config("flow"), data__dir=data_dir,
                         num_train_steps=NUM_STEPS, log_every_steps=100,
                         checkpoint_every_steps=NUM_STEPS, sample_at_end=False,
-                        ema_decay=0.98, debug_log_losses=True)
+                        ema_decay=0.98, debug_log_losses=True,
+                        # The run evaluates itself once, with the config's own evaluation
+                        # sampler (Heun: the objective's), on fewer samples.
+                        eval__every_steps=NUM_STEPS, eval__num_samples=200,
+                        eval__batch_size=200)
     train.train_and_evaluate(config, workdir)
     return workdir
 
@@ -87,6 +91,15 @@ def test_trained_flow_model_clears_the_quality_floor(flow_run, tmp_path):
     assert scores["fid"] > MAX_FID and scores["accuracy"] < MIN_ACCURACY, scores
 
 
+def test_flow_run_evaluates_itself_with_an_ode_sampler(flow_run):
+    with open(os.path.join(flow_run, "eval", f"{NUM_STEPS}.json")) as f:
+        result = json.load(f)
+    steps = digits_config.get_config("flow").eval.num_steps
+    assert (result["sampling"]["sampler"], result["sampling"]["num_steps"]) == ("heun", steps)
+    assert result["num_samples"] == 200 and math.isfinite(result["fid"])
+    assert result["fid"] < 2 * MAX_FID  # 200 samples, Heun-13: a looser floor than below
+
+
 def test_flow_metrics_have_no_vb(flow_run):
     with open(os.path.join(flow_run, "losses.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -113,6 +126,25 @@ def test_flow_checkpoint_exports_to_the_reference_with_in_channels_outputs(flow_
     with pytest.raises(RuntimeError, match="size mismatch"):
         TorchDiCo(config["model"]["hidden_size"], tuple(config["model"]["depths"]),
                   in_channels=1, num_classes=10).load_state_dict(state["ema"], strict=True)
+
+    # Back with the run's config (8x8 digits, flow matching): the checkpoint samples as the
+    # run does, the same images from the same settings.
+    from dico_jax.convert.__main__ import main as convert_main
+
+    back = str(tmp_path / "back")
+    assert convert_main(["from-torch", "--config", f"{ROOT}/configs/digits.py:flow", "--src",
+                         report.files[0], "--out", back]) == 0
+    run, converted = sample_lib.load_source(workdir=flow_run), sample_lib.load_source(
+        checkpoint=back)
+    assert converted.config["diffusion"]["kind"] == "flow"
+    assert converted.config["resolution"] == 8 and converted.config["data"]["builtin"] == "digits"
+    settings = heun_settings(num_samples=16, batch_size=16, num_steps=2)
+    sample_lib.generate(run, settings, str(tmp_path / "run.npz"), progress=False)
+    sample_lib.generate(converted, settings, str(tmp_path / "back.npz"), progress=False)
+    with np.load(tmp_path / "run.npz") as a, np.load(tmp_path / "back.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    assert convert_main(["from-torch", "--config", f"{ROOT}/configs/digits.py", "--resolution",
+                         "256", "--src", report.files[0], "--out", str(tmp_path / "x")]) == 2
 
 
 # ---------------------------------------------------------------------------------------------

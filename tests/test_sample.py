@@ -15,6 +15,7 @@ from PIL import Image
 
 from dico_jax import checkpoint as ckpt_lib
 from dico_jax import sampling as sample_lib
+from dico_jax.convert.vae import load_vae
 from dico_jax.diffusion import resolve_sampler
 from dico_jax.models import abstract_params, get_model
 
@@ -89,8 +90,13 @@ def test_writes_adm_npz_and_grid(reference, workdir):
     assert report.complete and report.batches_computed == (0, 1, 2) and not report.batches_reused
     assert not os.path.exists(report.out + ".parts")  # parts removed once the npz is whole
     with Image.open(grid) as png:
-        # 20 samples -> 5 columns x 4 rows of 32x32 cells (8x8 enlarged 4x), 1-pixel gaps.
-        assert png.size == (5 * 33 + 1, 4 * 33 + 1)
+        # 20 samples -> 5 columns x 4 rows of 32x32 cells (8x8 enlarged 4x), 1-pixel gaps,
+        # each with its class written under it.
+        plain = sample_lib.image_grid(images, rows=4)
+        labelled = sample_lib.image_grid(images, rows=4, cell_labels=labels)
+        assert png.size == (5 * 33 + 1, labelled.shape[0]) and labelled.shape[0] > 4 * 33 + 1
+        np.testing.assert_array_equal(np.asarray(png)[..., None], labelled)
+        assert not np.array_equal(labelled[:plain.shape[0]], plain)
 
 
 def test_ema_is_the_default_and_raw_weights_differ(workdir):
@@ -265,6 +271,33 @@ def test_training_grid_rows_are_classes_drawn_by_the_same_sampler():
     assert grid.shape == (3 * 33 + 1, 2 * 33 + 1, 1) and grid.dtype == np.uint8
 
 
+def test_grids_are_labelled_by_class(tmp_path):
+    images = np.full((6, 8, 8, 1), 128, np.uint8)
+    plain = sample_lib.image_grid(images, rows=2)
+    rows = sample_lib.image_grid(images, rows=2, row_labels=[3, 7])
+    assert rows.shape[0] == plain.shape[0] and rows.shape[1] > plain.shape[1]
+    np.testing.assert_array_equal(rows[:, -plain.shape[1]:], plain)  # the images untouched
+    margin = rows[:, :rows.shape[1] - plain.shape[1]]
+    first, second = margin[:34], margin[34:]
+    assert (first < 128).any() and (second < 128).any()  # ink beside each row
+    assert not np.array_equal(first[:33], second[:33])  # "3" and "7" differ
+    same = sample_lib.image_grid(images, rows=2, row_labels=[3, 3])
+    np.testing.assert_array_equal(same[1:33, :margin.shape[1]], same[34:66, :margin.shape[1]])
+    cols = sample_lib.image_grid(images, rows=2, col_labels=[1, 2, 3])
+    assert cols.shape[1] == plain.shape[1] and cols.shape[0] > plain.shape[0]
+    assert (cols[:cols.shape[0] - plain.shape[0]] < 128).any()
+    cells = sample_lib.image_grid(images, rows=2, cell_labels=range(6))
+    assert cells.shape[1] == plain.shape[1] and cells.shape[0] > plain.shape[0]
+    with pytest.raises(ValueError, match="row_labels: 1 labels for 2 rows"):
+        sample_lib.image_grid(images, rows=2, row_labels=[1])
+    # An .npz preview of a cycled label list: one class per column, named above it.
+    path = str(tmp_path / "by_column.png")
+    sample_lib.write_grid(images, path, cols=3, labels=np.array([2, 7, 4] * 2),
+                          class_per_column=True)
+    np.testing.assert_array_equal(np.asarray(Image.open(path))[..., None], sample_lib.image_grid(
+        images, rows=2, col_labels=[2, 7, 4]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Latent-space runs: an official-format checkpoint converted, decoded by a (tiny) diffusers VAE.
 
@@ -289,7 +322,7 @@ def test_vae_decoding_matches_diffusers(tiny_vae_dir):
     import torch
 
     path, torch_vae = tiny_vae_dir
-    module, params = sample_lib.load_vae(path)
+    module, params = load_vae(path)
     assert tuple(module.block_out_channels) == (32, 64) and module.norm_num_groups == 8
     latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     ours = np.asarray(jax.jit(lambda p, z: sample_lib.to_uint8_images(z, module, p, 0.18215))(

@@ -271,3 +271,26 @@ def test_sample_latents_follows_the_posterior():
     assert not np.allclose(samples, sample_latents(mean, logvar, jax.random.key(1), 0.5))
     default = sample_latents(mean[:2], jnp.full((2, 4), -30.0), key)
     np.testing.assert_allclose(default, SD_VAE_SCALING_FACTOR * mean[:2], atol=1e-5)
+
+
+def test_the_vae_loader_lives_with_the_vae():
+    """Data extraction, sampling and evaluation take the VAE from `convert.vae`, which depends
+    on the network only: no package reaches into `sampling` for it."""
+    import ast
+    import pathlib
+
+    from dico_jax.convert import vae as convert_vae
+
+    assert callable(convert_vae.load_vae)
+    root = pathlib.Path(convert_vae.__file__).parents[1]
+    for path in [*(root / "data").glob("*.py"), *(root / "models").glob("*.py"),
+                 root / "convert" / "vae.py"]:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        reaching = sorted(m for m in imported if m.startswith(("dico_jax.sampling",
+                                                               "dico_jax.evaluation")))
+        assert not reaching, f"{path.relative_to(root)} imports {reaching}"

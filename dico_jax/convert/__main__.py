@@ -1,10 +1,13 @@
 """Checkpoints between the official PyTorch DiCo and dico-jax.
 
     python -m dico_jax.convert from-torch --model DiCo-XL --src 0400000.pt --out ckpt/dico-xl
+    python -m dico_jax.convert from-torch --config configs/digits.py --src digits.pt --out ckpt/digits
     python -m dico_jax.convert to-torch --checkpoint WORKDIR --out dico-xl.pt [--safetensors]
 
 from-torch writes an Orbax checkpoint `OUT/<step>/` (step from a file name like 0400000.pt,
-else 0) that `python -m dico_jax.sample --checkpoint OUT` reads. to-torch writes
+else 0) that `python -m dico_jax.sample --checkpoint OUT` reads; with `--config` (the run's
+config file, any resolution or dataset) the network and the saved config are that run's.
+to-torch writes
 {"model": ..., "ema": ...} under the official parameter names.
 """
 from __future__ import annotations
@@ -25,14 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     imp = commands.add_parser("from-torch", help="official .pt -> Orbax checkpoint directory")
-    imp.add_argument("--model", required=True, choices=MODEL_NAMES, help="model the weights are of")
+    model = imp.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", choices=MODEL_NAMES, help="model the weights are of "
+                       "(configs/dico.py's recipe at --resolution)")
+    model.add_argument("--config", help="the run's config, FILE.py[:ARG] as given to "
+                       "dico_jax.main (e.g. configs/digits.py:flow)")
     imp.add_argument("--src", required=True, help="official checkpoint (.pt/.pth/.safetensors)")
     imp.add_argument("--out", required=True, help="new Orbax checkpoint directory")
     imp.add_argument("--model_overrides", default="{}", type=_json_object,
                      help="JSON of config.model fields, e.g. "
                           "'{\"hidden_size\": 64, \"depths\": [1, 1, 1, 1, 1]}'")
-    imp.add_argument("--resolution", type=int, default=256, choices=(256, 512),
-                     help="image resolution the weights were trained at (saved in the config)")
+    imp.add_argument("--resolution", type=int, default=None, choices=(256, 512),
+                     help="with --model: the image resolution the weights were trained at "
+                          "(default 256; a --config says its own)")
     imp.add_argument("--step", type=int, default=None,
                      help="train step to record (default: from the file name, else 0)")
 
@@ -70,9 +78,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "from-torch":
+            config = None
+            if args.config and args.resolution:
+                raise errors.UserError(f"--resolution {args.resolution}: the config "
+                                       f"{args.config} sets the resolution; drop --resolution")
+            if args.config:
+                import configs
+
+                config = configs.load(args.config)
             report = checkpoints.import_torch_checkpoint(
                 args.src, args.out, args.model, args.model_overrides, step=args.step,
-                resolution=args.resolution, keep_non_finite=args.keep_non_finite)
+                resolution=args.resolution or 256, keep_non_finite=args.keep_non_finite,
+                config=config)
         else:
             report = checkpoints.export_torch_checkpoint(
                 args.checkpoint, args.out, step=args.step, use_ema=args.use_ema,

@@ -141,11 +141,15 @@ def _entries(obj: Any, source: str) -> tuple[Mapping, Mapping, str, str]:
 
 
 def import_config(model_name: str, arch: Mapping[str, Any], overrides: Mapping[str, Any],
-                  resolution: int = 256) -> dict:
-    """The run config of `configs/dico.py` for these weights, as a dict (saved with them)."""
-    dico_config = _dico_config_module()
-    scale = model_name.removeprefix("DiCo-")
-    config = dico_config.get_config(f"{scale},res={resolution}")
+                  resolution: int = 256, base: Any = None) -> dict:
+    """The run config for these weights, as a dict (saved with them): `base` (the config the
+    run trained with) or else `configs/dico.py` of the model and resolution, with the network
+    fields the weights fix."""
+    if base is not None:
+        config = base.copy_and_resolve_references()
+    else:
+        scale = model_name.removeprefix("DiCo-")
+        config = _dico_config_module().get_config(f"{scale},res={resolution}")
     for key in MODEL_FIELDS:
         value = overrides.get(key)
         if value is None and key in ("in_channels", "out_channels", "num_classes"):
@@ -154,6 +158,14 @@ def import_config(model_name: str, arch: Mapping[str, Any], overrides: Mapping[s
             config.model[key] = tuple(value) if key == "depths" else value
     config.diffusion.learn_sigma = bool(arch["out_channels"] == 2 * arch["in_channels"])
     return config.to_dict()
+
+
+def config_model(config: Any) -> tuple[str, dict]:
+    """(model name, its `config.model` fields that shape the network) of a run config."""
+    model = config.model
+    fields = {k: (list(model[k]) if k == "depths" else model[k])
+              for k in MODEL_FIELDS if k in model and model[k] is not None}
+    return model.name, fields
 
 
 def _dico_config_module():
@@ -170,17 +182,25 @@ def _check_overrides(overrides: Mapping[str, Any]) -> dict:
     return dict(overrides)
 
 
-def import_torch_checkpoint(src: str, out_dir: str, model_name: str,
+def import_torch_checkpoint(src: str, out_dir: str, model_name: str | None = None,
                             overrides: Mapping[str, Any] | None = None, *,
                             step: int | None = None, resolution: int = 256,
-                            keep_non_finite: bool = False) -> ImportReport:
+                            keep_non_finite: bool = False, config: Any = None) -> ImportReport:
     """Official PyTorch checkpoint `src` -> Orbax checkpoint `out_dir/<step>`.
 
-    The step defaults to the one in the file name (`0400000.pt`), else 0. `out_dir` must not
-    hold checkpoints already.
+    The network is `model_name` with `overrides`, or that of `config`, the run's own config
+    (a ConfigDict: any resolution, objective or data, e.g. the digits'), which is then saved
+    with the weights so that `sample --checkpoint` samples as the run would. The step
+    defaults to the one in the file name (`0400000.pt`), else 0. `out_dir` must not hold
+    checkpoints already.
     """
     from dico_jax import checkpoint as ckpt_lib
 
+    if config is not None:
+        model_name, from_config = config_model(config)
+        overrides = {**from_config, **(overrides or {})}
+    if model_name is None:
+        raise UserError("from-torch needs --model or --config (the run's config file)")
     overrides = _check_overrides(overrides or {})
     src = os.fspath(src)
     obj = read_torch_file(src)
@@ -204,7 +224,7 @@ def import_torch_checkpoint(src: str, out_dir: str, model_name: str,
         raise FileExistsError(f"{out_dir} already holds checkpoints of steps {existing}; "
                               "write to a new directory")
     step = official_step(src) if step is None else int(step)
-    config = import_config(model_name, arch, overrides, resolution)
+    config = import_config(model_name, arch, overrides, resolution, base=config)
     checkpointer = ckpt_lib.TrainCheckpointer(out_dir, keep=1, async_save=False)
     try:
         checkpointer.save(step, {"step": np.asarray(step, np.int32), "params": params,

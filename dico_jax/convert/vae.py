@@ -1,10 +1,13 @@
-"""diffusers AutoencoderKL weights (PyTorch) -> params of `dico_jax.models.vae.AutoencoderKL`.
+"""diffusers AutoencoderKL weights (PyTorch) -> params of `dico_jax.models.vae.AutoencoderKL`,
+and `load_vae`, the one way to get the VAE that decodes samples (sampling, evaluation) and
+encodes a dataset (`dico_jax.data.extract`) from its weights.
 
 Reads the `diffusion_pytorch_model.safetensors` / `.bin` of `stabilityai/sd-vae-ft-ema` or
 `sd-vae-ft-mse` from a local path; nothing is downloaded.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Mapping
@@ -188,3 +191,37 @@ def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch.Tensor; numpy has no bfloat16, so widen first
         return value.detach().cpu().float().numpy()
     return np.asarray(value, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The VAE from its weights.
+
+
+_VAE_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels",
+               "layers_per_block", "norm_num_groups")
+
+
+def vae_architecture(path: str) -> dict:
+    """AutoencoderKL fields from the diffusers `config.json` beside the weights, if any
+    (the Stable Diffusion VAE's otherwise)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for candidate in (os.path.join(folder, "config.json"), os.path.join(folder, "vae", "config.json")):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                raw = json.load(f)
+            fields = {k: raw[k] for k in _VAE_FIELDS if k in raw}
+            if "block_out_channels" in fields:
+                fields["block_out_channels"] = tuple(fields["block_out_channels"])
+            return fields
+    return {}
+
+
+def load_vae(path: str, dtype: str = "float32"):
+    """(AutoencoderKL module computing in `dtype`, numpy params) from diffusers weights
+    (a .safetensors / .bin file or a model folder)."""
+    module = AutoencoderKL(**vae_architecture(path), dtype=jnp.dtype(dtype))
+    try:
+        params = vae_torch_to_flax(load_vae_weights(path), module)
+    except ValueError as err:
+        raise ValueError(f"--vae_weights {path}: {err}") from err
+    return module, jax.tree.map(np.asarray, params)

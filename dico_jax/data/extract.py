@@ -321,7 +321,7 @@ def extract_latents(
 def sd_vae_encoder(weights_path: str, compute_dtype: str = "float32") -> tuple[EncodeFn, Any]:
     """(encode_fn, params) of the Stable Diffusion AutoencoderKL from local diffusers weights
     (a .safetensors / .bin file or a model folder), loaded as `dico_jax.sample` loads it."""
-    from dico_jax.sampling.vae import load_vae
+    from dico_jax.convert.vae import load_vae
 
     vae, params = load_vae(weights_path, compute_dtype)
     # Encoding never touches the decoder; leaving it out saves device memory.

@@ -71,14 +71,48 @@ def settings_from_config(config: Mapping[str, Any], num_devices: int) -> sampler
     if batch % num_devices:
         raise UserError(f"config.eval.batch_size={batch} must be a multiple of the "
                         f"{num_devices} devices")
-    sampler, respacing = sampler_lib.resolve_sampler(e.get("sampler", "ddpm"), e.get("respacing"))
+    sampler, respacing, num_steps = sampler_lib.sampler_settings(config, "eval")
     guidance = e.get("guidance_channels", 3)
     return sampler_lib.Settings(
         num_samples=num_samples, batch_size=batch, seed=int(config.get("seed", 0)),
         cfg_scale=float(e.get("cfg_scale", 1.0)),
         guidance_channels=None if guidance is None else int(guidance),
-        sampler=sampler, respacing=respacing, labels=None,
+        sampler=sampler, respacing=respacing, labels=None, num_steps=num_steps,
         dtype=str(config.get("dtype", "float32")))
+
+
+LABELS_RULE = "sample i: class i mod num_classes"
+
+
+def result_settings(config: Mapping[str, Any], settings: sampler_lib.Settings) -> dict:
+    """What decides an evaluation's result besides the weights, as its `eval/<step>.json`
+    records it: the sampler's settings, the number of samples and the reference batch."""
+    record = settings.record()
+    record["labels"] = LABELS_RULE
+    return {"sampling": record, "num_samples": settings.num_samples,
+            "reference": os.path.basename(str(config["eval"].get("reference") or ""))}
+
+
+def read_result(workdir: str, step: int) -> dict:
+    with epath.Path(result_path(workdir, step)).open("r") as f:
+        return json.load(f)
+
+
+def settings_differences(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """"field: stored -> expected" for each setting of a stored result that differs (a setting
+    the result does not record, from before it was recorded, is not compared)."""
+    diffs = []
+    for key, want in expected.items():
+        if key not in stored:
+            continue
+        have = stored[key]
+        if isinstance(want, Mapping) and isinstance(have, Mapping):
+            diffs += [f"{key}.{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items()
+                      if k in have and have[k] != v]
+            diffs += [f"{key}.{k}: {have[k]!r} -> (none)" for k in have if k not in want]
+        elif have != want:
+            diffs.append(f"{key}: {have!r} -> {want!r}")
+    return diffs
 
 
 def validate(config: Mapping[str, Any], latent: bool) -> None:
@@ -232,6 +266,7 @@ class Evaluator:
     scorer: Any
     mesh: Any
     every_steps: int = 0
+    recorded_settings: dict = dataclasses.field(default_factory=dict)  # `result_settings`
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], workdir: str, space: Any, *,
@@ -248,7 +283,7 @@ class Evaluator:
                 "config.eval.reference"), why)
             inception_path = files.pop("config.eval.inception_weights")
             if vae is None:
-                from dico_jax.sampling.vae import load_vae
+                from dico_jax.convert.vae import load_vae
 
                 vae = load_vae(check_file(*files.popitem(), why), settings.dtype)
             vae_module, vae_params = vae
@@ -266,7 +301,7 @@ class Evaluator:
                                           vae=vae_module)
         vae_params = jax.device_put(vae_params, NamedSharding(mesh, P()))
         return cls(settings, space.num_classes, workdir, sample, vae_params, scorer, mesh,
-                   int(config["eval"].get("every_steps", 0)))
+                   int(config["eval"].get("every_steps", 0)), result_settings(config, settings))
 
     @property
     def num_batches(self) -> int:
@@ -316,10 +351,8 @@ class Evaluator:
         n = self.settings.num_samples
         gathered = jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outputs)
         result = self.scorer.score(gathered, np.concatenate(labels)[:n])
-        record = self.settings.record()
-        record["labels"] = "sample i: class i mod num_classes"
-        result.update(step=int(step), num_samples=n, seconds=time.perf_counter() - t0,
-                      weights="ema", sampling=record)
+        result.update(step=int(step), seconds=time.perf_counter() - t0, weights="ema",
+                      **self.recorded_settings)
         _atomic_write(epath.Path(result_path(self.workdir, step)),
                       lambda f: f.write(json.dumps(result, indent=2, sort_keys=True).encode()))
         logging.info("evaluation of step %d done in %.1f s: %s", step, result["seconds"],

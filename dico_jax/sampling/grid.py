@@ -1,10 +1,11 @@
 """Sample grids as PNG files: the class-conditional grids drawn during training (one row per
-class) and the preview of an `.npz` run."""
+class, its class beside it) and the preview of an `.npz` run (each image's class drawn with
+it)."""
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,24 +53,73 @@ def _split_over(mesh: jax.sharding.Mesh, n: int) -> NamedSharding | None:
     return None
 
 
-def image_grid(images: np.ndarray, rows: int, *, pad: int = 1, min_cell: int = 32) -> np.ndarray:
+def image_grid(images: np.ndarray, rows: int, *, pad: int = 1, min_cell: int = 32,
+               row_labels: Sequence[Any] | None = None, col_labels: Sequence[Any] | None = None,
+               cell_labels: Sequence[Any] | None = None) -> np.ndarray:
     """Tiles (rows * cols, H, W, C) uint8 images into one (.., .., C) array, row-major.
 
     Tiny images are enlarged by an integer factor (nearest) to at least `min_cell` pixels.
+    Labels are drawn in PIL's default font: `row_labels` left of each row, `col_labels` above
+    each column, `cell_labels` under each image (a grid of mixed classes).
     """
     n, h, w, c = images.shape
     if n % rows:
         raise ValueError(f"{n} images do not fill {rows} rows")
     cols = n // rows
+    for name, labels, count in (("row_labels", row_labels, rows), ("col_labels", col_labels, cols),
+                                ("cell_labels", cell_labels, n)):
+        if labels is not None and len(labels) != count:
+            raise ValueError(f"{name}: {len(labels)} labels for {count} {name[:-7]}s")
     zoom = max(1, -(-min_cell // max(h, w)))
     images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     h, w = h * zoom, w * zoom
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    text_h = _text_size("0")[1] + 2 * pad
+    left = 0 if row_labels is None else max(_text_size(str(x))[0] for x in row_labels) + 3 * pad
+    top = 0 if col_labels is None else text_h
+    below = 0 if cell_labels is None else text_h  # under each row of images
+    cell_h = h + below
+    grid = np.full((top + rows * (cell_h + pad) + pad, left + cols * (w + pad) + pad, c), 255,
+                   np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, cols)
-        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+        y0, x0 = top + pad + r * (cell_h + pad), left + pad + col * (w + pad)
         grid[y0:y0 + h, x0:x0 + w] = image
-    return grid
+    texts = []  # (x, y, text, width of its place): centred there
+    if row_labels is not None:
+        texts += [(pad, top + pad + r * (cell_h + pad) + (h - text_h) // 2, str(x), left - 2 * pad)
+                  for r, x in enumerate(row_labels)]
+    if col_labels is not None:
+        texts += [(left + pad + col * (w + pad), 0, str(x), w) for col, x in enumerate(col_labels)]
+    if cell_labels is not None:
+        texts += [(left + pad + (i % cols) * (w + pad), top + pad + (i // cols) * (cell_h + pad) + h,
+                   str(x), w) for i, x in enumerate(cell_labels)]
+    return _draw_texts(grid, texts) if texts else grid
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def _text_size(text: str) -> tuple[int, int]:
+    x0, y0, x1, y1 = _font().getbbox(text)
+    return x1 - x0, y1
+
+
+def _draw_texts(grid: np.ndarray, texts) -> np.ndarray:
+    """Black text on the white margins of `grid` (any channel count)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(np.full(grid.shape[:2], 255, np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    for x, y, text, width in texts:
+        draw.text((x + max(0, (width - _text_size(text)[0]) // 2), y), text, fill=0, font=font)
+    ink = np.asarray(canvas) < 255
+    out = grid.copy()
+    out[ink] = np.asarray(canvas)[ink][:, None]
+    return out
 
 
 def write_png(grid: np.ndarray, path: str) -> None:
@@ -85,12 +135,19 @@ def write_png(grid: np.ndarray, path: str) -> None:
 
 
 def write_grid(images: np.ndarray, path: str, max_images: int = 100,
-               cols: int | None = None) -> None:
-    """A PNG grid of the first images, `cols` wide (default: near-square)."""
+               cols: int | None = None, labels: np.ndarray | None = None,
+               class_per_column: bool = False) -> None:
+    """A PNG grid of the first images, `cols` wide (default: near-square), each labelled by
+    its class: above its column when each column holds one class, else under each image."""
     n = min(len(images), max_images)
     cols = min(cols or math.ceil(math.sqrt(n)), n)
     rows = max(1, n // cols)
-    write_png(image_grid(images[:rows * cols], rows=rows), path)
+    kept = rows * cols
+    by_column = labels is not None and class_per_column
+    write_png(image_grid(images[:kept], rows=rows,
+                         col_labels=None if not by_column else list(labels[:cols]),
+                         cell_labels=None if labels is None or by_column else list(labels[:kept])),
+              path)
 
 
 class TrainingGrid:
@@ -131,7 +188,7 @@ class TrainingGrid:
         check_grid_config(config, space)
         vae = None
         if space.vae:
-            from dico_jax.sampling.vae import load_vae
+            from dico_jax.convert.vae import load_vae
 
             vae = load_vae(config.vae_weights, str(config.get("dtype", "float32")))
         return cls(model, config, space, mesh, vae)
@@ -143,7 +200,7 @@ class TrainingGrid:
 
         key = jax.random.fold_in(jax.random.key(self.config.seed), 0x5A3F1E)  # same noise
         images = parts.to_host(self._pixels(params, self.vae_params, key))
-        grid = image_grid(images, rows=self.shape[0])
+        grid = image_grid(images, rows=self.shape[0], row_labels=range(self.shape[0]))
         path = os.path.join(workdir, "samples.png")
         if jax.process_index() == 0:
             write_png(grid, path)

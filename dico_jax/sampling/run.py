@@ -25,7 +25,7 @@ from dico_jax.sampling.grid import write_grid
 from dico_jax.sampling.sampler import (BATCH_AXIS, Settings, batch_labels, make_sampler,
                                        parse_labels, sampling_mesh, sampling_model)
 from dico_jax.sampling.source import Source, image_space
-from dico_jax.sampling.vae import load_vae
+from dico_jax.convert.vae import load_vae
 
 
 def describe(settings: Settings) -> str:
@@ -208,6 +208,8 @@ def _assemble(directory: str, out: str, num_batches: int, settings: Settings, nu
     if grid:
         # With a short list of labels (cycled), one column per list entry: a class per column.
         given = settings.labels
-        write_grid(images, grid, cols=len(given) if given and len(given) <= 32 else None)
+        by_column = bool(given) and len(given) <= 32
+        write_grid(images, grid, cols=len(given) if by_column else None, labels=labels,
+                   class_per_column=by_column)
     # Only now that OUT is whole are the parts given up.
     parts.remove_parts(directory, num_batches)

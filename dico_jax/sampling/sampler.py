@@ -14,6 +14,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from dico_jax import builders
 from dico_jax.data import spec as data_spec
+from dico_jax.errors import UserError
 from dico_jax.diffusion import SAMPLERS, guided_model_fn, named_beta_schedule, resolve_sampler
 
 BATCH_AXIS = "batch"
@@ -46,13 +47,10 @@ class Settings:
         is the default (`default_batch_size`)."""
         s = config["sampling"]
         num_samples = int(s.get("num_samples", 50_000))
-        sampler, respacing = resolve_sampler(s.get("sampler", "ddpm"), s.get("respacing"))
+        if num_samples < 1:
+            raise UserError(f"config.sampling.num_samples must be >= 1, got {num_samples}")
+        sampler, respacing, num_steps = sampler_settings(config, "sampling")
         guidance = s.get("guidance_channels", 3)
-        check_sampler(config, sampler, str(s.get("sampler", "ddpm")))
-        flow = SAMPLERS[sampler].objective == "flow"
-        num_steps = int(s.get("num_steps", 50)) if flow else 0
-        if flow and num_steps < 1:
-            raise ValueError(f"config.sampling.num_steps={num_steps}: must be >= 1")
         sde = dict(s.get("sde") or {})
         last_step = sde.get("last_step", "mean")
         sde = (str(sde.get("diffusion_form", "sigma")), float(sde.get("diffusion_norm", 1.0)),
@@ -108,16 +106,47 @@ def parse_interval(value) -> tuple[float, float] | None:
     return low, high
 
 
-def check_sampler(config: Mapping[str, Any], sampler: str, given: str | None = None) -> None:
+# The sampler of a section whose `sampler` is empty: the objective's own (`config.diffusion.kind`),
+# so a flow run samples and evaluates with an ODE solver without a second setting.
+DEFAULT_SAMPLERS = {"ddpm": "ddpm", "flow": "heun"}
+
+
+def sampler_settings(config: Mapping[str, Any], section: str) -> tuple[str, str, int]:
+    """(SAMPLERS name, respacing, flow solver steps) of `config.<section>` ("sampling" or
+    "eval"): its `sampler`, or the objective's default when empty, checked against the run's
+    objective; errors name the field to change."""
+    s = config[section]
+    try:
+        kind = builders.diffusion_kind(config)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    given = str(s.get("sampler") or DEFAULT_SAMPLERS[kind])
+    try:
+        sampler, respacing = resolve_sampler(given, s.get("respacing"))
+    except ValueError as err:
+        raise UserError(f"config.{section}.sampler={given!r}: {err}") from None
+    check_sampler(config, sampler, given, field=f"config.{section}.sampler")
+    if SAMPLERS[sampler].objective != "flow":
+        return sampler, respacing, 0
+    num_steps = int(s.get("num_steps", 50) or 0)
+    if num_steps < 1:
+        raise UserError(f"config.{section}.num_steps={num_steps}: the {sampler} sampler needs "
+                        "a number of solver steps >= 1")
+    return sampler, respacing, num_steps
+
+
+def check_sampler(config: Mapping[str, Any], sampler: str, given: str | None = None,
+                  field: str = "config.sampling.sampler") -> None:
     """Refuses a sampler (a SAMPLERS name; `given`: as the config wrote it, e.g. "ddim50")
-    of the other objective than the run's `config.diffusion.kind`."""
+    of the other objective than the run's `config.diffusion.kind`; the error names `field`."""
     kind = builders.diffusion_kind(config)
     objective = SAMPLERS[sampler].objective
     if objective != kind:
         fitting = ", ".join(k for k, v in SAMPLERS.items() if v.objective == kind)
-        raise ValueError(
-            f"config.sampling.sampler={given or sampler!r} samples the {objective!r} objective, "
-            f"but this run was trained with config.diffusion.kind={kind!r}: use one of {fitting}")
+        raise UserError(
+            f"{field}={given or sampler!r} samples the {objective!r} objective, but this run "
+            f"trains config.diffusion.kind={kind!r}: set {field} to one of {fitting} "
+            f"(or leave it empty for {DEFAULT_SAMPLERS[kind]})")
 
 
 def parse_labels(text: str | Sequence[int] | None, num_classes: int) -> tuple[int, ...] | None:

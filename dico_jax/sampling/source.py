@@ -119,6 +119,6 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
         else:
             config[path] = value
     sampler = overrides.get("sampling.sampler")
-    if sampler is not None and sampler not in SAMPLERS and "sampling.respacing" not in overrides:
+    if sampler and sampler not in SAMPLERS and "sampling.respacing" not in overrides:
         config["sampling"]["respacing"] = None
     return config

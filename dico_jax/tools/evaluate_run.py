@@ -1,14 +1,16 @@
 """Evaluates the kept checkpoints of a run: the same `eval/<step>.json` training writes.
 
-    python -m dico_jax.tools.evaluate_run --workdir=RUN [--steps=50000,100000]
-        [--config.eval.num_samples=50000] [--config.eval.reference=VIRTUAL_imagenet256_labeled.npz
-         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
+    python -m dico_jax.tools.evaluate_run --workdir=RUN [--steps=50000,100000] [--force] \
+        [--config.eval.num_samples=50000] [--config.eval.reference=VIRTUAL_imagenet256_labeled.npz \
+         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth \
          --config.vae_weights=sd-vae-ft-ema/]
 
 The evaluation settings are the run's saved `config.eval` (its defaults where the run saved
 none); `--config.eval.<field>`, `--config.vae_weights`, `--config.seed` and `--config.dtype`
 override them. Steps that already have a result are skipped, so a rerun continues where an
-interrupted one stopped; the results also go to the run's TensorBoard (`eval/*`).
+interrupted one stopped; a result made with other settings (sampler, steps, guidance, number
+of samples, reference: each result records them) is an error naming them, and `--force`
+redoes the results of the chosen steps. The results also go to the run's TensorBoard (`eval/*`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def define_flags() -> None:
     command.define_config_dict(TOOL, "config", default_config.get_config(), "Overrides of the "
                                "run's evaluation settings: --config.eval.FIELD=VALUE, "
                                "--config.vae_weights, --config.seed, --config.dtype.")
+    flags.DEFINE_bool("force", False, "Redo the steps that already have a result.")
     flags.declare_key_flag("config")  # listed in --help
     flags.mark_flags_as_required(["workdir"])
 
@@ -55,8 +58,10 @@ def run_config(saved: dict, overrides: dict) -> dict:
     return config
 
 
-def evaluate_run(workdir: str, overrides: dict, steps: list[int] | None = None) -> list[int]:
-    """Evaluates the kept checkpoints of `workdir` without a result; returns the steps done."""
+def evaluate_run(workdir: str, overrides: dict, steps: list[int] | None = None,
+                 force: bool = False) -> list[int]:
+    """Evaluates the kept checkpoints of `workdir` without a result (all of them with `force`);
+    returns the steps done. A result made with other settings than these is an error."""
     from clu import metric_writers
 
     from dico_jax import checkpoint as ckpt_lib
@@ -71,8 +76,24 @@ def evaluate_run(workdir: str, overrides: dict, steps: list[int] | None = None) 
     if missing:
         raise errors.UserError(f"no checkpoint of step(s) {missing} in {directory}; kept: {kept}")
     config = run_config(ckpt_lib.read_config(directory, kept[-1]), overrides)
-    done = set(during_training.evaluated_steps(workdir))
-    todo = [s for s in (sorted(steps) if steps else kept) if s not in done]
+    wanted = sorted(steps) if steps else kept
+    done = set(during_training.evaluated_steps(workdir)) & set(wanted)
+    if done and not force:
+        expected = during_training.result_settings(
+            config, during_training.settings_from_config(config, jax.device_count()))
+        stale = {}
+        for step in sorted(done):
+            diffs = during_training.settings_differences(
+                during_training.read_result(workdir, step), expected)
+            if diffs:
+                stale[step] = diffs
+        if stale:
+            first = next(iter(stale.values()))
+            raise errors.UserError(
+                f"{during_training.eval_dir(workdir)} holds results of step(s) {sorted(stale)} "
+                f"made with other settings ({'; '.join(first[:4])}): pass --force to redo "
+                "them with these settings, or evaluate with the stored ones")
+    todo = [s for s in wanted if force or s not in done]
     if not todo:
         logging.info("every kept checkpoint of %s is evaluated", workdir)
         return []
@@ -104,7 +125,7 @@ def main(argv):
             raise errors.MissingFile(f"--workdir {workdir}: no such folder")
         run_config({}, dict(FLAGS["config"].override_values))  # the overrides, checked
         runtime.start(orbax_level=logging.ERROR)
-        evaluate_run(workdir, dict(FLAGS["config"].override_values), steps)
+        evaluate_run(workdir, dict(FLAGS["config"].override_values), steps, FLAGS.force)
 
 
 if __name__ == "__main__":
