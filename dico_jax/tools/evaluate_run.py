@@ -1,8 +1,8 @@
 """Evaluates the kept checkpoints of a run: the same `eval/<step>.json` training writes.
 
-    python -m dico_jax.tools.evaluate_run --workdir=RUN [--steps=50000,100000] [--force] \
-        [--config.eval.num_samples=50000] [--config.eval.reference=VIRTUAL_imagenet256_labeled.npz \
-         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth \
+    python -m dico_jax.tools.evaluate_run --workdir=RUN [--steps=50000,100000] [--force]
+        [--config.eval.num_samples=50000] [--config.eval.reference=VIRTUAL_imagenet256_labeled.npz
+         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
          --config.vae_weights=sd-vae-ft-ema/]
 
 The evaluation settings are the run's saved `config.eval` (its defaults where the run saved
