@@ -97,3 +97,13 @@ def test_precision_recall_falls_back_to_float32_per_block_like_adm():
     radii = metrics.manifold_radii(ref, block_size=64)
     np.testing.assert_allclose(radii, ref_radii, rtol=1e-6)
     assert not np.allclose(metrics.manifold_radii(ref, block_size=64, distances="float32"), ref_radii, rtol=1e-4)
+
+
+def test_the_float32_variant_is_named_and_unknown_modes_refused():
+    from dico_jax import evaluate
+
+    args = evaluate.parse_args(["--samples", "s.npz", "--digits", "--pr_distances", "float32"])
+    assert args.pr_distances == "float32"
+    assert evaluate.parse_args(["--samples", "s.npz", "--digits"]).pr_distances == "adm_float16"
+    with pytest.raises(ValueError, match="unknown distances 'float64'"):
+        metrics.precision_recall(np.zeros((8, 3)), np.ones((8, 3)), distances="float64")

@@ -305,9 +305,10 @@ def manifold_radii(
         raise ValueError(f"k-NN radii with k={k} need more than {k} feature vectors, got {n}")
     block = min(block_size, n)
     radii = np.empty((n,), np.float32)
-    for row_start, rows, num_rows in _blocks(features, block):
+    blocks = list(_blocks(features, block))  # the norms of each block once
+    for row_start, rows, num_rows in blocks:
         best = jnp.full((block, k + 1), jnp.inf, jnp.float32)
-        for _, cols, num_cols in _blocks(features, block):
+        for _, cols, num_cols in blocks:
             best = _merge_nearest(best, rows, cols, np.arange(block) < num_cols, k, mode)
         radii[row_start : row_start + num_rows] = np.asarray(best[:num_rows, k])
     return radii
