@@ -44,6 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="sqrtm: the ADM evaluator's matrix square root; "
         "eigh: the same value from symmetric eigendecompositions, faster",
     )
+    parser.add_argument(
+        "--pr_distances",
+        choices=("adm_float16", "float32"),
+        default="adm_float16",
+        help="precision/recall distances: adm_float16 rounds as ADM's evaluator (its digits); "
+        "float32 computes them in float32",
+    )
     parser.add_argument("--cache_dir", help="digits mode: where to cache the trained feature network")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -68,7 +75,8 @@ def main(argv=None) -> dict:
         for path in (args.samples, args.ref):  # fail on bad inputs before loading 24M weights
             feature_io.npz_images(path)
         variables = inception.load_pytorch_fid_weights(args.inception_weights)
-        result = files.adm_metrics(args.samples, args.ref, variables, args.batch_size, fid_method=args.fid_method)
+        result = files.adm_metrics(args.samples, args.ref, variables, args.batch_size, fid_method=args.fid_method,
+                                   pr_distances=args.pr_distances)
     if args.out:
         files.write_json(args.out, result)
     print(json.dumps(result, indent=2, sort_keys=True))

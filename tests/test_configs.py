@@ -195,3 +195,22 @@ def test_load_reads_a_config_as_the_trainer_does(tmp_path):
         configs.load(str(tmp_path / "nope.py"))
     with pytest.raises(UserError, match="unknown scale 'XXL'"):
         configs.load(f"{DICO}:XXL")
+
+
+def test_presets_of_the_papers_tables():
+    from dico_jax import builders
+    from dico_jax.diffusion import FlowMatching
+
+    t8 = parse(f"--config={DICO}:L,table8")
+    assert (t8.eval.every_steps, t8.eval.num_samples, t8.eval.cfg_scale) == (50_000, 50_000, 1.0)
+    assert (t8.eval.sampler, t8.eval.respacing, t8.num_train_steps) == ("ddpm", "250", 400_000)
+    assert t8.keep_every_steps == 50_000
+    big = parse(f"--config={DICO}:S,res=1024")
+    assert big.resolution == 1024 and big.data.dir == "data/imagenet1024_latents"
+    flow = parse(f"--config={DICO}:S,flow")
+    assert isinstance(builders.build_diffusion(flow), FlowMatching)
+    assert (flow.sampling.sampler, flow.sampling.num_steps) == ("euler_maruyama", 250)
+    for bad, message in [("H,table8", "Table 8"), ("XL,res=512,table8", "Table 8"),
+                         ("XL,long,flow", "own preset")]:
+        with pytest.raises(Exception, match=message):
+            parse(f"--config={DICO}:{bad}")

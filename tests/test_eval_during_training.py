@@ -149,6 +149,11 @@ def test_scaling_draws_the_digits_curve(digits_run, tmp_path, capsys):
         rows = f.read().splitlines()
     assert len(rows) == 1 + len(EVAL_STEPS)
     assert "ours vs the paper" in capsys.readouterr().out
+    # With the official logs, the paper's Table 8 of their scales comes along.
+    with_official = str(tmp_path / "with_official")
+    assert scaling.main(["--runs", digits_run, "--out", with_official]) == 0
+    assert "the paper's Table 8" in capsys.readouterr().out
+    assert os.path.getsize(os.path.join(with_official, "eval_vs_step.png")) > 0
 
 
 def _main_command(workdir, **overrides):

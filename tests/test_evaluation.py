@@ -130,8 +130,10 @@ def test_precision_recall_blocked_matches_definition():
     expected = _adm_precision_recall_numpy(ref.astype(np.float64), samples.astype(np.float64))
     assert 0.0 < expected[0] < 1.0 and 0.0 < expected[1] < 1.0
     # Blocks of 8 rows: padded last blocks on both sides, several column blocks per row block.
-    assert metrics.precision_recall(ref, samples, block_size=8) == pytest.approx(expected)
-    radii = metrics.manifold_radii(ref, k=3, block_size=8)
+    # Float32 distances: the definition's values up to float32 rounding (tests of the default,
+    # ADM's float16 distances, are in test_adm_precision_recall.py).
+    assert metrics.precision_recall(ref, samples, block_size=8, distances="float32") == pytest.approx(expected)
+    radii = metrics.manifold_radii(ref, k=3, block_size=8, distances="float32")
     sq = ((ref[:, None] - ref[None]) ** 2).sum(-1)
     np.testing.assert_allclose(radii, np.sort(sq, axis=1)[:, 3], rtol=1e-4, atol=1e-5)
 

@@ -4,10 +4,15 @@ import importlib.util
 import json
 import os
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from dico_jax.tools import scaling
+from dico_jax import errors
+
+from dico_jax.tools import paper_reference, scaling, scaling_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -89,6 +94,23 @@ def test_shipped_logs_match_the_reference_copy():
         with open(os.path.join(reference, name), "rb") as a, \
                 open(os.path.join(scaling.OFFICIAL_LOGS_DIR, name), "rb") as b:
             assert a.read() == b.read(), name
+
+
+def test_table8_matches_the_reference_copy():
+    table = paper_reference.table8()
+    assert len(table) == 32 and set(scaling.PAPER_FID50K_400K_256) == set(paper_reference.TABLE8)
+    for model, fid in scaling.PAPER_FID50K_400K_256.items():
+        assert table[(model, 256, 400_000)]["fid"] == fid
+        steps, fids = paper_reference.table8_curve(model, "fid")
+        assert steps == list(range(50_000, 400_001, 50_000)) and fids == sorted(fids, reverse=True)
+    reference = os.path.join(ROOT, "..", "shared", "reference", "paper_table8.csv")
+    if not os.path.isfile(reference):
+        pytest.skip("reference table not present on this machine")
+    rows = _csv_rows(reference)
+    assert len(rows) == len(table)
+    for row in rows:
+        ours = table[(row["model"], 256, int(row["step"]))]
+        assert ours == {m: float(row[m]) for m in paper_reference.TABLE8_METRICS}, row
 
 
 def test_bad_official_logs_name_the_file(tmp_path):
@@ -241,6 +263,40 @@ def test_cli_either_source_alone(our_run, tmp_path):
     assert scaling.main(["--out", str(only_official), "--official", scaling.OFFICIAL_LOGS_DIR]) == 0
     assert {r["source"] for r in _csv_rows(only_official / "loss_curves.csv")} == {"official"}
     _assert_png(only_official / "loss_vs_flops.png")
+    # The official logs come with the paper's Table 8 of their scales, drawn and printed.
+    _assert_png(only_official / "eval_vs_step.png")
+    _assert_png(only_official / "fid_vs_train_flops.png")
+
+
+def test_cli_ours_against_table8_at_matched_steps(tmp_path, capsys):
+    run = tmp_path / "dico-s-256"
+    run.mkdir()
+    _write_clu_losses(run, [(50_000, 0.2), (100_000, 0.19)])
+    (run / "config.json").write_text(json.dumps({"model": {"name": "DiCo-S"}, "resolution": 256,
+                                                 "global_batch_size": 256}))
+    (run / "eval").mkdir()
+    for step, fid in [(50_000, 111.25), (75_000, 90.0), (100_000, 80.5)]:
+        result = {"step": step, "fid": fid, "sfid": 18.5, "is": 12.25, "precision": 0.3, "recall": 0.25}
+        (run / "eval" / f"{step}.json").write_text(json.dumps(result))
+    out = tmp_path / "out"
+    assert scaling.main(["--runs", str(run), "--out", str(out), "--smooth", "51"]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split()[1]: line.split()[2:] for line in printed.splitlines()
+            if line.strip().startswith("dico-s-256 ")}
+    assert rows["50000"] == ["111.2/109.5", "18.5/18.28", "12.25/12", "0.3/0.283", "0.25/0.322"]
+    assert rows["75000"] == ["90/-", "18.5/-", "12.25/-", "0.3/-", "0.25/-"]  # not in Table 8
+    assert rows["100000"][0] == "80.5/79.79"
+    # The other scales of the official logs print as Table 8 alone; DiCo-S is matched above.
+    table8_rows = [line.split() for line in printed.split("the paper's Table 8")[1].splitlines()[2:]]
+    table8_rows = [r for r in table8_rows if len(r) == 7 and r[1].isdigit()]
+    assert len(table8_rows) == 24 and {r[0] for r in table8_rows} == {"DiCo-B", "DiCo-L", "DiCo-XL"}
+    assert ["DiCo-XL", "400000", "11.67", "5.38", "100.4", "0.711", "0.606"] in table8_rows
+    # Two loss points: the mean is over both, and says so.
+    assert "mean loss of the last 2 points 0.1950" in printed
+    _assert_png(out / "eval_vs_step.png")
+    evals = [scaling_eval.RunEvals.read(str(run), scaling.read_run(str(run)))]
+    drawn = scaling_eval.plot_metrics(str(tmp_path / "p.png"), evals, ["DiCo-S"])
+    assert drawn == ["fid", "sfid", "is", "precision", "recall"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -255,8 +311,14 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):
 
 
 def test_cli_missing_run_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+    with pytest.raises(errors.MissingFile, match="does-not-exist"):
         scaling.main(["--runs", str(tmp_path / "does-not-exist"), "--out", str(tmp_path / "o")])
+    run = subprocess.run([sys.executable, "-m", "dico_jax.tools.scaling", "--runs",
+                          str(tmp_path / "does-not-exist"), "--out", str(tmp_path / "o")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [
+        f"dico_jax.tools.scaling: error: --runs {tmp_path / 'does-not-exist'}: no such run directory"]
 
 
 # ---------------------------------------------------------------------------- sweep

@@ -47,10 +47,12 @@ def adm_metrics(
     batch_size: int = 250,
     mesh=None,
     fid_method: str = "sqrtm",
+    pr_distances: str = "adm_float16",
 ) -> dict:
     """FID, sFID, IS, precision and recall of ``samples_path`` against an ADM reference batch.
 
-    ``fid_method``: see ``metrics.frechet_distance`` ("sqrtm" is the ADM evaluator's computation).
+    ``fid_method``: see ``metrics.frechet_distance`` ("sqrtm" is the ADM evaluator's computation);
+    ``pr_distances``: see ``metrics.precision_recall`` ("adm_float16" is the ADM evaluator's).
     """
     mesh = feature_io.device_mesh() if mesh is None else mesh
     samples = feature_io.npz_images(samples_path)
@@ -67,7 +69,8 @@ def adm_metrics(
     if ref_stats is None:
         ref_stats = dict(zip(("mu", "sigma"), metrics.feature_statistics(ref_features["pool"])))
         ref_stats.update(zip(("mu_s", "sigma_s"), metrics.feature_statistics(ref_features["spatial"])))
-    precision, recall = metrics.precision_recall(ref_features["pool"], sample_features["pool"])
+    precision, recall = metrics.precision_recall(
+        ref_features["pool"], sample_features["pool"], distances=pr_distances)
     return {
         "fid": metrics.frechet_distance(
             *metrics.feature_statistics(sample_features["pool"]), ref_stats["mu"], ref_stats["sigma"],

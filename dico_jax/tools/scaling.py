@@ -5,16 +5,18 @@
 
 Sources:
 - our runs (local or gs:// directories): TensorBoard event files written by the trainer
-  (clu.metric_writers) anywhere under each run directory, tag `train/loss`; `config.json` in the run directory names
-  the model (`model.name`), the resolution and the global batch; FID results are read from
-  `eval/*.json` (keys `fid`, `step`).
+  (clu.metric_writers) anywhere under each run directory, tag `train/loss`; `config.json` in
+  the run directory names the model (`model.name`), the resolution and the global batch;
+  evaluation results are read from `eval/*.json` (keys `step`, `fid`, `sfid`, `is`,
+  `precision`, `recall`).
 - the official ImageNet logs (`dico-{s,b,l,xl}-{res}.csv`: step, train_loss,
   steps_per_sec at global batch 256); by default the copy shipped in this package.
 
 Writes `loss_vs_step.png`, `loss_vs_flops.png`, `fid_vs_gflops.png` (when any FID exists),
 `loss_curves.csv` (raw and smoothed loss, training FLOPs) and `fid.csv`; with evaluation
-results, `eval_vs_step.png` (each metric against the step), `fid_vs_train_flops.png` and
-`eval.csv`, and a table of ours against the paper at matched steps (`tools.scaling_eval`).
+results or official logs of a scale in the paper's Table 8, `eval_vs_step.png` (each metric
+against the step, with Table 8's curves), `fid_vs_train_flops.png`, `eval.csv`, and a table
+of ours against the paper at matched steps (`tools.scaling_eval`).
 """
 from __future__ import annotations
 
@@ -30,16 +32,19 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dico_jax import errors
+from dico_jax.tools import paper_reference, scaling_eval
+from dico_jax.tools.scaling_eval import save_log_plot
+
 OFFICIAL_LOGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_logs")
-OFFICIAL_GLOBAL_BATCH = 256
 LOSS_TAG = "train/loss"
 MODEL_ORDER = ("DiCo-S", "DiCo-B", "DiCo-L", "DiCo-XL", "DiCo-H")
-
-# The paper's "GFLOPs" column counts multiply-accumulates at 256x256 (32x32x4 latents).
-PAPER_GMACS_256 = {"DiCo-S": 4.25, "DiCo-B": 16.88, "DiCo-L": 60.24, "DiCo-XL": 87.30}
-# FID-50K after 400K steps at 256, no guidance (the paper's scaling table).
-PAPER_FID50K_400K_256 = {"DiCo-S": 49.97, "DiCo-B": 27.20, "DiCo-L": 13.66, "DiCo-XL": 11.67}
-PAPER_FID_STEP = 400_000
+OFFICIAL_GLOBAL_BATCH = paper_reference.OFFICIAL_GLOBAL_BATCH
+PAPER_GMACS_256 = paper_reference.PAPER_GMACS_256
+# FID-50K after 400K steps at 256, no guidance (the last rows of the paper's Table 8).
+PAPER_FID50K_400K_256 = paper_reference.fid50k_at_last_step()
+PAPER_FID_STEP = paper_reference.TABLE8_LAST_STEP
+paper_forward_flops_per_image = paper_reference.paper_forward_flops_per_image
 # Training cost of one image: forward plus a backward pass of about twice the forward.
 TRAIN_FLOPS_PER_FORWARD = 3.0
 
@@ -91,18 +96,6 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
 def effective_window(window: int) -> int:
     """Points a centered `window` averages away from the ends (always odd)."""
     return 2 * (window // 2) + 1
-
-
-def paper_forward_flops_per_image(model: str, resolution: int = 256) -> float | None:
-    """Forward FLOPs of one image from the paper's MACs (2 FLOPs per MAC); None if not listed.
-
-    The networks are fully convolutional, so the cost grows with the latent area:
-    4x at 512.
-    """
-    gmacs = PAPER_GMACS_256.get(model)
-    if gmacs is None:
-        return None
-    return 2.0 * gmacs * 1e9 * (resolution / 256) ** 2
 
 
 def training_flops(forward_flops_per_image: float, global_batch: int, steps) -> np.ndarray:
@@ -173,11 +166,7 @@ def read_official_dir(directory: str) -> list[LossCurve]:
     return sorted((read_official_csv(p) for p in paths), key=_curve_order)
 
 
-def _gfile():
-    """TensorFlow's file layer: local paths and gs:// alike (imported late: it is slow)."""
-    import tensorflow as tf
-
-    return tf.io.gfile
+_gfile = scaling_eval.gfile
 
 
 def _event_files(logdir: str) -> list[str]:
@@ -283,9 +272,15 @@ def describe_run(run_dir: str, label: str | None = None) -> dict:
                 batch_known=bool(batch), recorded_flops=recorded_flops)
 
 
+def check_run_dir(run_dir: str) -> None:
+    """A missing run directory as one line (local paths checked without importing TensorFlow)."""
+    exists = _gfile().isdir(run_dir) if "://" in run_dir else os.path.isdir(run_dir)
+    if not exists:
+        raise errors.MissingFile(f"--runs {run_dir}: no such run directory")
+
+
 def read_run(run_dir: str, label: str | None = None, tag: str = LOSS_TAG) -> LossCurve:
-    if not _gfile().isdir(run_dir):
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    check_run_dir(run_dir)
     info = describe_run(run_dir, label)
     steps, losses = read_tensorboard_scalars(run_dir, tag)
     return LossCurve(source="ours", label=info["label"], model=info["model"],
@@ -369,17 +364,6 @@ def _colors(curves: Sequence[LossCurve]) -> dict:
             keys.append(key)
     palette = colormaps["tab10"]
     return {key: palette(i % 10) for i, key in enumerate(keys)}
-
-
-def save_log_plot(fig, ax, path: str) -> None:
-    """The plots' common finish: grid on both log decades, legend, written and closed."""
-    import matplotlib.pyplot as plt
-
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_loss(path: str, curves: Sequence[LossCurve], window: int, x: str) -> None:
@@ -475,13 +459,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    for run_dir in args.runs:
+        check_run_dir(run_dir)
     curves: list[LossCurve] = []
     fids: list[FidPoint] = []
     if not args.no_official:
         curves += read_official_dir(args.official)
         fids += paper_fid_points()
-    from dico_jax.tools import scaling_eval
-
     evals = []
     labels = args.label or [None] * len(args.runs)
     for run_dir, label in zip(args.runs, labels):
@@ -509,10 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_fid(os.path.join(args.out, "fid_vs_gflops.png"), fids)
         rows = write_fid_csv(os.path.join(args.out, "fid.csv"), fids)
         written += ["fid_vs_gflops.png", f"fid.csv ({rows} rows)"]
-    written += scaling_eval.report(args.out, evals)
+    official_models = [c.model for c in curves if c.source == "official"
+                       and c.resolution == paper_reference.TABLE8_RESOLUTION]
+    written += scaling_eval.report(args.out, evals, official_models)
     for c in curves:
         if c.steps.size:
-            last = effective_window(args.smooth)
+            last = min(effective_window(args.smooth), c.steps.size)
             print(f"{c.label:28s} {c.resolution:4d}px  steps {int(c.steps[0])}..{int(c.steps[-1])}"
                   f"  mean loss of the last {last} points {np.mean(c.losses[-last:]):.4f}")
     print(f"wrote to {args.out}: " + ", ".join(written))
@@ -520,4 +506,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Every file it reads is one the user named (or the shipped logs).
+    with errors.cli("dico_jax.tools.scaling", also=(OSError, ValueError)):
+        sys.exit(main())
