@@ -97,10 +97,13 @@ class BlockStack(nn.Module):
             return x
 
         x, c = sharding.constrain_batch(x), sharding.constrain_batch(c)
-        norm = kernels.layer_norm_fn(self.norm_impl, skip=True)
+        # Under a rematerialization policy the policy decides what the backward pass keeps.
+        pin = self.remat == "none"
+        norm = kernels.layer_norm_fn(self.norm_impl, skip=True, pin_residuals=pin)
 
         def block(x, p):
-            return sharding.constrain_batch(L.dico_block(p, x, c, self.depthwise_impl, norm))
+            return sharding.constrain_batch(L.dico_block(p, x, c, self.depthwise_impl, norm,
+                                                         pin_residuals=pin))
 
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
