@@ -358,5 +358,6 @@ def dico_block(p: dict, x: Array, c: Array, depthwise_impl: str = "conv",
 
     m, x = norm(x, shift2, scale2)
     m = checkpoint_name(dense(m, p["conv4"]["kernel"], p["conv4"]["bias"], dtype), "conv4")
-    m = checkpoint_name(dense(gelu(m, pin_residuals), p["conv5"]["kernel"], p["conv5"]["bias"], dtype), "conv5")
+    m = checkpoint_name(dense(gelu(m, pin_residuals), p["conv5"]["kernel"], p["conv5"]["bias"],
+                              dtype), "conv5")
     return x + gate2[:, None, None, :].astype(dtype) * m
