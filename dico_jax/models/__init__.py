@@ -72,8 +72,14 @@ def abstract_params(model: DiCo, height: int = 32, width: int = 32) -> Any:
     """Parameter shapes/dtypes (jax.ShapeDtypeStruct tree) without allocating anything."""
     x = jax.ShapeDtypeStruct((1, height, width, model.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    return jax.eval_shape(lambda k, x, t: model.init({"params": k}, x, t, t)["params"],
-                          jax.random.key(0), x, t)
+    return jax.eval_shape(
+        lambda k, x, t: model.init({"params": k}, x, t, t, **time_inputs(model, t))["params"],
+        jax.random.key(0), x, t)
+
+
+def time_inputs(model: DiCo, h: Any) -> dict[str, Any]:
+    """The keyword arguments that give `model` its second timestep `h`, if it takes one."""
+    return {"h": h} if getattr(model, "second_time", False) else {}
 
 
 def count_params(params: Any) -> int:
@@ -109,5 +115,5 @@ def _forward_flops(model: DiCo, height: int, width: int, channels: int) -> float
 
 
 __all__ = ["DiCo", "MODEL_CONFIGS", "MODEL_NAMES", "OFFICIAL_PARAM_COUNTS", "get_model",
-           "abstract_params", "check_norm_impl", "count_params", "depthwise_for",
+           "abstract_params", "check_norm_impl", "time_inputs", "count_params", "depthwise_for",
            "forward_flops_per_image"]

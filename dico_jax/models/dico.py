@@ -97,10 +97,13 @@ class BlockStack(nn.Module):
             return x
 
         x, c = sharding.constrain_batch(x), sharding.constrain_batch(c)
-        norm = kernels.layer_norm_fn(self.norm_impl, skip=True)
+        # Under a rematerialization policy the policy decides what the backward pass keeps.
+        pin = self.remat == "none"
+        norm = kernels.layer_norm_fn(self.norm_impl, skip=True, pin_residuals=pin)
 
         def block(x, p):
-            return sharding.constrain_batch(L.dico_block(p, x, c, self.depthwise_impl, norm))
+            return sharding.constrain_batch(L.dico_block(p, x, c, self.depthwise_impl, norm,
+                                                         pin_residuals=pin))
 
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
@@ -131,7 +134,10 @@ class DiCo(nn.Module):
     """Diffusion ConvNet: three-level U-shaped stack of DiCo blocks with adaLN conditioning.
 
     Call with x (N, H, W, in_channels), t (N,), y (N,) (null label = num_classes); returns
-    (N, H, W, out_channels) in float32.
+    (N, H, W, out_channels) in float32. With `second_time` the network takes a second
+    timestep h (N,) (MeanFlow's t - r, arXiv 2505.13447), embedded by its own
+    `h_embedder_{1,2,3}` and added to the conditioning, as the first; without it the
+    parameters are the official ones.
     """
 
     hidden_size: int = 416
@@ -146,6 +152,7 @@ class DiCo(nn.Module):
     scan: bool = True
     depthwise_impl: str = "auto"
     norm_impl: str = "xla"
+    second_time: bool = False
 
     @property
     def null_label(self) -> int:
@@ -157,7 +164,7 @@ class DiCo(nn.Module):
         return depthwise_for(jax.default_backend())
 
     @nn.compact
-    def __call__(self, x, t, y, *, train: bool = False, force_drop=None):
+    def __call__(self, x, t, y, *, h=None, train: bool = False, force_drop=None):
         C = self.hidden_size
         if len(self.depths) != 5:
             raise ValueError(f"depths must have 5 entries (enc1, enc2, mid, dec2, dec1), got {self.depths}")
@@ -184,6 +191,12 @@ class DiCo(nn.Module):
                                for i in range(3)), name="y_embedder")()
         c1, c2, c3 = (TimestepEmbedder(C * 2 ** i, name=f"t_embedder_{i + 1}")(t)
                       + jnp.take(tables[f"embedding_table_{i}"], y, axis=0) for i in range(3))
+        if self.second_time != (h is not None):
+            raise ValueError("a second timestep h is given exactly when the model has "
+                             f"second_time=True (it has {self.second_time})")
+        if self.second_time:
+            c1, c2, c3 = (c + TimestepEmbedder(C * 2 ** i, name=f"h_embedder_{i + 1}")(h)
+                          for i, c in enumerate((c1, c2, c3)))
 
         dtype, impl = self.dtype, self._depthwise_impl()
         level = lambda name, width, depth: BlockStack(  # noqa: E731

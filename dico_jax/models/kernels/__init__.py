@@ -17,14 +17,17 @@ from dico_jax.models.kernels import fused_norm
 NORM_IMPLS = ("xla", "pallas", "pallas_interpret")
 
 
-def layer_norm_fn(impl: str, skip: bool = False) -> Callable:
+def layer_norm_fn(impl: str, skip: bool = False, pin_residuals: bool = True) -> Callable:
     """The modulated layer norm (x, shift, scale) -> y that `impl` names; with skip=True
     (x, shift, scale) -> (y, x), for a block's residual stream (the Pallas backward kernel
-    adds the gradient arriving along the returned x, which saves a pass over it)."""
+    adds the gradient arriving along the returned x, which saves a pass over it).
+    `pin_residuals` is that of the XLA layer norm (`layers._tangent_fn`); the kernels keep
+    their own residuals."""
     if impl not in NORM_IMPLS:
         raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {impl!r}")
     if impl == "xla":
-        return layers.modulated_layer_norm_and_skip if skip else layers.modulated_layer_norm
+        fn = layers.modulated_layer_norm_and_skip if skip else layers.modulated_layer_norm
+        return fn if pin_residuals else functools.partial(fn, pin_residuals=False)
     return functools.partial(fused_norm.modulated_layer_norm, skip=skip,
                              interpret=impl == "pallas_interpret")
 
