@@ -94,7 +94,7 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.long  # minutes per variant; the layer and gradient tests cover the rules
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
 def test_model_jvp_matches_plain_jnp_network(variant, plain_layers):
     model = get_model("DiCo-S", **TINY, **variant)
@@ -150,7 +150,7 @@ def test_gradient_of_a_jvp_loss_matches_finite_differences(plain_layers):
         assert _rel_err(a, b) < 1e-4
 
 
-@pytest.mark.slow
+@pytest.mark.long  # minutes; test_meanflow checks the objective on a point mass
 def test_second_timestep_and_a_meanflow_step_through_the_network():
     """The second timestep adds its own embedders (and only then); MeanFlow's loss, one JVP
     of the network inside a gradient, runs through it and its gradient reaches them."""
