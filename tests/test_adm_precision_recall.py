@@ -99,11 +99,13 @@ def test_precision_recall_falls_back_to_float32_per_block_like_adm():
     assert not np.allclose(metrics.manifold_radii(ref, block_size=64, distances="float32"), ref_radii, rtol=1e-4)
 
 
-def test_the_float32_variant_is_named_and_unknown_modes_refused():
+def test_the_float32_variant_is_named_and_unknown_modes_refused(tmp_path):
     from dico_jax import evaluate
 
-    args = evaluate.parse_args(["--samples", "s.npz", "--digits", "--pr_distances", "float32"])
+    samples = tmp_path / "s.npz"
+    samples.touch()  # evaluate checks that the files it is given exist
+    args = evaluate.parse_args(["--samples", str(samples), "--digits", "--pr_distances", "float32"])
     assert args.pr_distances == "float32"
-    assert evaluate.parse_args(["--samples", "s.npz", "--digits"]).pr_distances == "adm_float16"
+    assert evaluate.parse_args(["--samples", str(samples), "--digits"]).pr_distances == "adm_float16"
     with pytest.raises(ValueError, match="unknown distances 'float64'"):
         metrics.precision_recall(np.zeros((8, 3)), np.ones((8, 3)), distances="float64")
