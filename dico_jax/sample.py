@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import default as default_config
-from dico_jax import errors, runtime, sampling
+from dico_jax import compilation_cache, errors, runtime, sampling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint and config).")
@@ -49,6 +49,8 @@ def main(argv):
         source = sampling.load_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                       step=FLAGS.step, use_ema=FLAGS.use_ema)
         source.config = sampling.apply_overrides(source.config, FLAGS["config"].override_values)
+        # The run's cache: a second sampling of the same run skips the sampler's compile.
+        compilation_cache.enable(source.config.get("compilation_cache_dir", ""), FLAGS.workdir)
         settings = sampling.Settings.from_config(source.config, jax.device_count())
         report = sampling.generate(source, settings, FLAGS.out, vae_weights=FLAGS.vae_weights,
                                    grid=FLAGS.grid, max_batches=FLAGS.max_batches)

@@ -21,6 +21,7 @@ from absl import logging
 from etils import epath
 
 from dico_jax import builders, chips
+from dico_jax import compilation_cache, profiling
 from dico_jax import sharding as sharding_lib
 from dico_jax.errors import UserError
 from dico_jax.models import check_norm_impl, count_params, forward_flops_per_image
@@ -76,13 +77,18 @@ def validate_config(config: ml_collections.ConfigDict,
             raise UserError(f"config.{field} must be a finite number >= 0, got {config[field]}")
     if config.ema_decay > 1.0:
         raise UserError(f"config.ema_decay must lie in [0, 1], got {config.ema_decay}")
+    try:
+        profiling.parse_spec(config.get("profile"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if config.dtype not in ("float32", "bfloat16"):
         raise UserError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
     try:
         check_norm_impl(config.model.get("norm_impl", "xla"), jax.default_backend(),
                         "config.model.norm_impl")
+        slices = sharding_lib.num_slices() if num_devices is None else 1
         num_devices = jax.device_count() if num_devices is None else num_devices
-        axes = sharding_lib.resolve_axis_sizes(config.mesh, num_devices)
+        axes = sharding_lib.resolve_axis_sizes(config.mesh, num_devices, slices)
     except ValueError as err:
         raise UserError(str(err)) from None
     # The global batch is split over every device (and so over every process), and each
@@ -263,9 +269,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from dico_jax.data import pipeline
     from dico_jax.data import spec as data_spec
 
+    started = time.perf_counter()
     validate_config(config)
     workdir = ckpt_lib.resolve_workdir(workdir)  # local path or gs://...
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    # Before anything compiles: a restart loads the programs of the previous start.
+    compilation_cache.enable(config.get("compilation_cache_dir", ""), workdir)
     is_chief = jax.process_index() == 0
 
     data_dir, manifest = prepare_data(config, workdir)
@@ -330,11 +339,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                               msg=f"{config.model.name} parameters",
                                               jax_logging_process=0)
 
-    t0 = time.perf_counter()
-    step_fn = make_train_step(config, model, diffusion, tx, lr_schedule, shardings, mesh).lower(
-        state, batch_spec(config, mesh, latent_shape)).compile()
-    compile_secs = time.perf_counter() - t0
-    logging.info("train step compiled in %.1f s", compile_secs)
+    with compilation_cache.timed_compile("train step") as compiled:
+        step_fn = make_train_step(config, model, diffusion, tx, lr_schedule, shardings,
+                                  mesh).lower(state, batch_spec(config, mesh, latent_shape)).compile()
+    compile_secs = compiled["secs"]
 
     grid = sampling_grid.TrainingGrid.from_config(model, config, space, mesh)
     evaluator = during_training.for_training(config, workdir, space)
@@ -348,6 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     step_log = _StepLog(os.path.join(workdir, "losses.jsonl")
                         if config.debug_log_losses and is_chief else None)
     preemption = PreemptionWatch()
+    profiler = profiling.StepProfiler(config.get("profile"), workdir, step_fn.as_text,
+                                      enabled=is_chief)
 
     if start_step == 0:
         writer.write_scalars(0, {"perf/compile_secs": compile_secs})
@@ -355,10 +365,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     interval_start, interval_step = time.perf_counter(), start_step
     try:
         while step < config.num_train_steps:
+            profiler.before(step + 1)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = pipeline.make_global_batch(next(data_iterator), mesh)
                 state, metrics = step_fn(state, batch)
             step += 1
+            profiler.after(step, state)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                logging.info("first step of this start done: step %d, %.1f s after the start of "
+                             "training", step, time.perf_counter() - started)
             step_log.add(step, metrics)
             step_log.drain(keep_last=True)
             report_progress(step)
@@ -411,6 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     else:
         checkpointer.wait_until_finished()  # the last save, whole before returning
     finally:
+        profiler.close()
         preemption.close()
         step_log.close()
         checkpointer.close()

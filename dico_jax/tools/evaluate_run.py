@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import default as default_config
-from dico_jax import errors, runtime
+from dico_jax import compilation_cache, errors, runtime
 
 FLAGS = flags.FLAGS
 
@@ -69,6 +69,7 @@ def evaluate_run(workdir: str, overrides: dict, steps: list[int] | None = None) 
     if missing:
         raise errors.UserError(f"no checkpoint of step(s) {missing} in {directory}; kept: {kept}")
     config = run_config(ckpt_lib.read_config(directory, kept[-1]), overrides)
+    compilation_cache.enable(config.get("compilation_cache_dir", ""), workdir)
     done = set(during_training.evaluated_steps(workdir))
     todo = [s for s in (sorted(steps) if steps else kept) if s not in done]
     if not todo:
