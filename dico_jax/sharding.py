@@ -131,6 +131,13 @@ def create_mesh(axis_sizes: Mapping[str, int],
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
+def slice_processes(mesh: Mesh) -> list[list[int]]:
+    """The processes whose devices make up each index of the mesh's `slice` axis."""
+    axis = mesh.axis_names.index("slice")
+    grid = np.moveaxis(mesh.devices, axis, 0)
+    return [sorted({d.process_index for d in grid[i].flat}) for i in range(grid.shape[0])]
+
+
 def param_partition_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
     """Splits an array of >= `min_size` elements along its largest dim divisible by `fsdp_size`.
 

@@ -304,6 +304,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("mesh %s on %d devices (%s); %s: %d parameters, %.3g forward FLOPs per image",
                  dict(mesh.shape), mesh.size, jax.devices()[0].device_kind, config.model.name,
                  num_params, flops_per_image)
+    if mesh.shape["slice"] > 1:
+        logging.info("slices (data parallel between them): %s", "; ".join(
+            f"slice {i}: processes {p}"
+            for i, p in enumerate(sharding_lib.slice_processes(mesh))))
 
     data_iterator = pipeline.create_train_iterator(
         data_dir, global_batch_size=config.global_batch_size, seed=config.seed,
