@@ -41,7 +41,7 @@ def test_dico_official_recipe():
         1000, "linear", True)
     assert (c.sampling.sampler, c.sampling.respacing, c.sampling.guidance_channels) == (
         "ddpm", "250", 3)
-    assert dict(c.mesh) == {"data": -1, "fsdp": 1}
+    assert dict(c.mesh) == {"slice": 0, "data": -1, "fsdp": 1}
 
 
 def test_per_scale_recipes():

@@ -51,9 +51,9 @@ def run_pod(n: int, module_args: list[str], timeout: float = 600, slices: int = 
 
 
 def train(n: int, workdir: Path, steps: int = STEPS, *extra: str, check: bool = True,
-          slices: int = 1):
+          slices: int = 1, timeout: float = 600, **env: str):
     result = run_pod(n, [*TRAIN, f"--workdir={workdir}", f"--config.num_train_steps={steps}",
-                         *extra], slices=slices)
+                         *extra], slices=slices, timeout=timeout, **env)
     if check:
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     return result
@@ -118,7 +118,7 @@ def test_two_slices_of_two_processes_match_one_process(tmp_path, reference):
     # axes inside each (every parameter split over the 2 devices of a process's pair).
     workdir = tmp_path / "run"
     result = train(4, workdir, 4, "--config.mesh.slice=2", "--config.mesh.data=2",
-                   "--config.mesh.fsdp=2", "--config.fsdp_min_size=1", slices=2)
+                   "--config.mesh.fsdp=2", "--config.fsdp_min_size=1", slices=2, timeout=900)
     text = result.stdout
     assert "process 3 of 4 in slice 1 of 2 started" in text, text[-4000:]
     assert "mesh {'slice': 2, 'data': 2, 'fsdp': 2}" in text, text[-4000:]
