@@ -244,6 +244,7 @@ def test_nan_batch_stops_and_keeps_last_checkpoint(digits_dir, tmp_path):
     assert_trees_equal(on_host["params"], host(good.params))
 
 
+@pytest.mark.slow
 def test_profile_traces_the_chosen_steps_where_tensorboard_and_profile_summary_find_it(
         digits_dir, tmp_path, capsys):
     import gzip
