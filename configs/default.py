@@ -87,9 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
     # (keep the outputs of the block's linear maps, recompute its element-wise ops).
     config.remat = "none"
 
-    # Device mesh: axis sizes, -1 takes the devices left over. Parameters with at least
-    # `fsdp_min_size` elements are split along `fsdp`; the batch is split over both axes.
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    # Device mesh: axis sizes, -1 takes the devices left over. `slice` spans the slices of a
+    # multislice job (data parallel over the data-center network; 0: one per slice), `data`
+    # and `fsdp` lie inside each slice. Parameters with at least `fsdp_min_size` elements
+    # are split along `fsdp`; the batch is split over all three axes.
+    config.mesh = ml_collections.ConfigDict({"slice": 0, "data": -1, "fsdp": 1})
     config.fsdp_min_size = 2**18
 
     # The network: `name` picks the official widths/depths; a field left None keeps the
@@ -210,6 +212,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Peak FLOP/s of one chip for perf/mfu where the chip is not in the built-in table
     # (e.g. CPU).
     config.peak_flops = 1e12
+
+    # JAX's persistent compilation cache (local or gs://): a restarted run loads its compiled
+    # programs instead of compiling them again. "" keeps a folder JAX was given
+    # (JAX_COMPILATION_CACHE_DIR), else uses <workdir>/compilation_cache; "off" disables it.
+    config.compilation_cache_dir = ""
+    # Trace steps [first, first + count) with jax.profiler on process 0, into
+    # <workdir>/plugins/profile/ where TensorBoard's profile plugin finds them; (0, 0): none.
+    config.profile = (0, 0)
 
     # Write every step's loss to `losses.jsonl` in the workdir (for resumption checks).
     config.debug_log_losses = False

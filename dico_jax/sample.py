@@ -19,7 +19,7 @@ import jax
 from absl import flags
 
 from configs import default as default_config
-from dico_jax import command, errors, runtime, sampling
+from dico_jax import command, compilation_cache, errors, runtime, sampling
 
 TOOL = "dico_jax.sample"
 FLAGS = flags.FLAGS
@@ -56,6 +56,8 @@ def main(argv):
         source = sampling.load_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                       step=FLAGS.step, use_ema=FLAGS.use_ema)
         source.config = sampling.apply_overrides(source.config, FLAGS["config"].override_values)
+        # The run's cache: a second sampling of the same run skips the sampler's compile.
+        compilation_cache.enable(source.config.get("compilation_cache_dir", ""), FLAGS.workdir)
         settings = sampling.Settings.from_config(source.config, jax.device_count())
         report = sampling.generate(source, settings, FLAGS.out, vae_weights=FLAGS.vae_weights,
                                    grid=FLAGS.grid, max_batches=FLAGS.max_batches)

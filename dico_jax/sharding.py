@@ -1,19 +1,27 @@
 """Device mesh and sharding rules: large parameters split along `fsdp`, the batch along all axes.
 
-The same rules serve one CPU (every axis of size 1), fake CPU devices in tests and a TPU pod.
+The mesh is (slice, data, fsdp). `slice` spans the slices of a multislice job, joined by the
+data-center network (DCN): pure data parallelism, one gradient all-reduce per step crosses
+it. `data` and `fsdp` lie inside each slice, on its fast interconnect (ICI). The same rules
+serve one CPU (every axis of size 1), fake CPU devices in tests and TPU pods of one or more
+slices.
 """
 from __future__ import annotations
 
 import glob
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("slice", "data", "fsdp")
+BATCH_AXES = ("slice", "data", "fsdp")
+# CPU rehearsal of a multislice job (`tools.local_pod --slices S`): the processes form S
+# slices of equal size, in process order. On TPU each device names its own slice.
+NUM_SLICES_ENV = "DICO_JAX_NUM_SLICES"
 
 
 def tpu_chips_present() -> bool:
@@ -22,12 +30,60 @@ def tpu_chips_present() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def resolve_axis_sizes(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Replaces a -1 axis size by the devices left over; checks the product is `num_devices`."""
+def device_slices(devices: Sequence[jax.Device]) -> list[int]:
+    """The slice of each device: its `slice_index` on a multislice TPU job; else, with
+    DICO_JAX_NUM_SLICES=S, S equal blocks of consecutive processes; else 0."""
+    if any(getattr(d, "slice_index", None) is not None for d in devices):
+        return [int(getattr(d, "slice_index", 0) or 0) for d in devices]
+    num_slices = num_slices_from_env()
+    processes = sorted({d.process_index for d in devices})
+    if num_slices <= 1 or len(processes) == 1:
+        return [0] * len(devices)
+    if len(processes) % num_slices:
+        raise ValueError(f"{NUM_SLICES_ENV}={num_slices} does not divide the "
+                         f"{len(processes)} processes into equal slices")
+    per_slice = len(processes) // num_slices
+    rank = {p: i for i, p in enumerate(processes)}
+    return [rank[d.process_index] // per_slice for d in devices]
+
+
+def num_slices_from_env() -> int:
+    value = os.environ.get(NUM_SLICES_ENV, "").strip()
+    try:
+        count = int(value) if value else 1
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{NUM_SLICES_ENV}={value!r}: give the number of slices, >= 1")
+    return count
+
+
+def num_slices(devices: Sequence[jax.Device] | None = None) -> int:
+    """How many slices `devices` (default: all) form."""
+    return len(set(device_slices(list(jax.devices() if devices is None else devices))))
+
+
+def resolve_axis_sizes(axis_sizes: Mapping[str, int], num_devices: int,
+                       slices: int = 1) -> dict[str, int]:
+    """Replaces a -1 axis size by the devices left over; checks the product is `num_devices`.
+
+    `slice` 0 (or left out) means one per slice of the job (`slices`); on a job of several
+    slices it must equal their number. On one slice it may still split the devices into
+    groups that behave as slices (data parallel between them), e.g. to rehearse a multislice
+    mesh with one process.
+    """
     sizes = {name: int(axis_sizes[name]) for name in axis_sizes}
     unknown = [name for name in sizes if name not in MESH_AXES]
     if unknown:
         raise ValueError(f"unknown mesh axes {unknown} in config.mesh; valid: {MESH_AXES}")
+    if sizes.get("slice", 0) == 0:
+        sizes["slice"] = slices
+    if slices > 1 and sizes["slice"] != slices:
+        raise ValueError(f"config.mesh.slice={sizes['slice']}, but the devices form {slices} "
+                         f"slices: set --config.mesh.slice={slices} (or 0: one per slice)")
+    if sizes["slice"] == -1:
+        raise ValueError("config.mesh.slice cannot be -1: give the number of slices, or 0 "
+                         "for one per slice of the job")
     rest = [name for name, size in sizes.items() if size == -1]
     if len(rest) > 1:
         raise ValueError(f"config.mesh: only one axis may be -1, got {sizes}")
@@ -49,13 +105,37 @@ def resolve_axis_sizes(axis_sizes: Mapping[str, int], num_devices: int) -> dict[
 
 def create_mesh(axis_sizes: Mapping[str, int],
                 devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp") mesh over `devices` (default: all) with the sizes of `axis_sizes`."""
+    """A (slice, data, fsdp) mesh over `devices` (default: all) with the sizes of
+    `axis_sizes`."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_axis_sizes(axis_sizes, len(devices))
+    slice_of = device_slices(devices)
+    slices = len(set(slice_of))
+    sizes = resolve_axis_sizes(axis_sizes, len(devices), slices)
     shape = tuple(sizes[name] for name in MESH_AXES)
     # Auto axes: shardings are given at jit boundaries and XLA propagates them inside.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if sizes["slice"] == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    if slices > 1 and devices[0].platform == "tpu":
+        # Each slice's devices laid out on its ICI torus, slices joined along `slice` (DCN).
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (1, *shape[1:]), (shape[0], 1, 1), devices, allow_split_physical_axes=True)
+    else:
+        # CPU (or one slice split into groups): slices of consecutive processes, each
+        # process's devices together, so every process holds one block of the batch.
+        order = sorted(range(len(devices)), key=lambda i: (
+            slice_of[i], devices[i].process_index, devices[i].id))
+        grid = np.asarray([devices[i] for i in order], dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def slice_processes(mesh: Mesh) -> list[list[int]]:
+    """The processes whose devices make up each index of the mesh's `slice` axis."""
+    axis = mesh.axis_names.index("slice")
+    grid = np.moveaxis(mesh.devices, axis, 0)
+    return [sorted({d.process_index for d in grid[i].flat}) for i in range(grid.shape[0])]
 
 
 def param_partition_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
@@ -90,7 +170,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
     """Keeps an activation split along its batch dim over the batch axes, when traced under a
-    (data, fsdp) mesh (the train step sets it); elsewhere returns x as is.
+    (slice, data, fsdp) mesh (the train step sets it); elsewhere returns x as is.
 
     Without it XLA may follow the FSDP-split kernels instead and split activations along
     their channels, gathering whole-batch activations between layers (tensor parallelism by

@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 
 from dico_jax import builders, chips, run_lock
+from dico_jax import compilation_cache, profiling
 from dico_jax import sharding as sharding_lib
 from dico_jax.errors import UserError
 from dico_jax.models import check_norm_impl, count_params, forward_flops_per_image
@@ -86,6 +87,10 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"config.{field} must be a finite number >= 0, got {config[field]}")
     if config.ema_decay > 1.0:
         raise UserError(f"config.ema_decay must lie in [0, 1], got {config.ema_decay}")
+    try:
+        profiling.parse_spec(config.get("profile"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if config.dtype not in ("float32", "bfloat16"):
         raise UserError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
     if config.data.builtin == "digits" and not config.data.dir:
@@ -120,8 +125,9 @@ def validate_config(config: ml_collections.ConfigDict,
     try:
         check_norm_impl(config.model.get("norm_impl", "xla"), jax.default_backend(),
                         "config.model.norm_impl")
+        slices = sharding_lib.num_slices() if num_devices is None else 1
         num_devices = jax.device_count() if num_devices is None else num_devices
-        axes = sharding_lib.resolve_axis_sizes(config.mesh, num_devices)
+        axes = sharding_lib.resolve_axis_sizes(config.mesh, num_devices, slices)
     except ValueError as err:
         raise UserError(str(err)) from None
     # The objective, and the samplers of the grids and evaluations, which must fit it: checked
@@ -381,6 +387,7 @@ def finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
+    started = time.perf_counter()
     is_chief = jax.process_index() == 0
     finished = finished_step(config, workdir)
     if finished is not None:
@@ -399,6 +406,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
     from dico_jax import checkpoint as ckpt_lib
     from dico_jax.data import pipeline
     from dico_jax.data import spec as data_spec
+
+    # Before anything compiles: a restart loads the programs of the previous start.
+    compilation_cache.enable(config.get("compilation_cache_dir", ""), workdir)
 
     data_dir, manifest = prepare_data(config, workdir)
     check_data_matches_config(config, manifest, data_dir)
@@ -428,6 +438,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
     logging.info("mesh %s on %d devices (%s); %s: %d parameters, %.3g forward FLOPs per image",
                  dict(mesh.shape), mesh.size, jax.devices()[0].device_kind, config.model.name,
                  num_params, flops_per_image)
+    if mesh.shape["slice"] > 1:
+        logging.info("slices (data parallel between them): %s", "; ".join(
+            f"slice {i}: processes {p}"
+            for i, p in enumerate(sharding_lib.slice_processes(mesh))))
 
     data_iterator = pipeline.create_train_iterator(
         data_dir, global_batch_size=config.global_batch_size, seed=config.seed,
@@ -467,11 +481,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
         (epath.Path(workdir) / PARAMETERS_FILE).write_text(table + "\n")
         logging.info("parameter table in %s", epath.Path(workdir) / PARAMETERS_FILE)
 
-    t0 = time.perf_counter()
-    step_fn = make_train_step(config, model, diffusion, tx, lr_schedule, shardings, mesh).lower(
-        state, batch_spec(config, mesh, latent_shape)).compile()
-    compile_secs = time.perf_counter() - t0
-    logging.info("train step compiled in %.1f s", compile_secs)
+    with compilation_cache.timed_compile("train step") as compiled:
+        step_fn = make_train_step(config, model, diffusion, tx, lr_schedule, shardings,
+                                  mesh).lower(state, batch_spec(config, mesh, latent_shape)).compile()
+    compile_secs = compiled["secs"]
 
     grid = sampling_grid.TrainingGrid.from_config(model, config, space, mesh)
     evaluator = during_training.for_training(config, workdir, space)
@@ -488,6 +501,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
     step_log = _StepLog(os.path.join(workdir, "losses.jsonl")
                         if config.debug_log_losses and is_chief else None)
     preemption = PreemptionWatch()
+    profiler = profiling.StepProfiler(config.get("profile"), workdir, step_fn.as_text,
+                                      enabled=is_chief)
 
     if start_step == 0:
         writer.write_scalars(0, {"perf/compile_secs": compile_secs})
@@ -495,10 +510,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
     interval_start, interval_step = clock.now(), start_step
     try:
         while step < config.num_train_steps:
+            profiler.before(step + 1)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = pipeline.make_global_batch(next(data_iterator), mesh)
                 state, metrics = step_fn(state, batch)
             step += 1
+            profiler.after(step, state)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                logging.info("first step of this start done: step %d, %.1f s after the start of "
+                             "training", step, time.perf_counter() - started)
             step_log.add(step, metrics)
             step_log.drain(keep_last=True)
             if is_chief:
@@ -560,6 +581,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
             logging.info("last checkpoint written (waited %.1f s); training done",
                          time.perf_counter() - t0)
     finally:
+        profiler.close()
         preemption.close()
         step_log.close()
         checkpointer.close()

@@ -10,6 +10,12 @@ Every subcommand accepts --dry_run: it prints the exact commands, one per line, 
 nothing. `train` starts the trainer detached on every worker at once; running it again after a
 stop or a preemption resumes from the workdir's latest checkpoint. Multi-host setup needs no
 flags: the trainer calls jax.distributed.initialize(), which reads the TPU runtime.
+
+Multislice: `--slices N` on every subcommand. `create` requests one queued resource of N
+slices (nodes N-0 .. N-(N-1), each of --accelerator_type) joined by the data-center network;
+the TPU runtime gives every host the MEGASCALE_* settings that join the slices. `setup`,
+`train`, `status` and `stop` run on every worker of every slice, one command per slice; the
+trainer's mesh gets a `slice` axis (data parallel across slices).
 """
 from __future__ import annotations
 
@@ -86,20 +92,37 @@ def _queued(verb: str, name: str, args) -> list[str]:
     return ["gcloud", "compute", "tpus", "queued-resources", verb, name, *_location(args)]
 
 
-def ssh_all(args, remote_script: str, worker: str = "all") -> list[str]:
-    """gcloud ssh running one bash script on `worker` ("all" fans out to every host)."""
-    return [*_tpu_vm("ssh", args.name, args), f"--worker={worker}",
-            f"--command={remote_script}"]
+def is_queued(args) -> bool:
+    """A queued resource: asked for, or implied by several slices (multislice capacity is
+    only granted through queued resources)."""
+    return bool(getattr(args, "queued", False)) or args.slices > 1
+
+
+def node_names(args) -> list[str]:
+    """The TPU VMs of the job: the one slice, or the nodes of a multislice queued resource
+    (named `<name>-<i>` after --node-prefix)."""
+    if args.slices == 1:
+        return [args.name]
+    return [f"{args.name}-{i}" for i in range(args.slices)]
+
+
+def ssh_all(args, remote_script: str, worker: str = "all") -> list[list[str]]:
+    """gcloud ssh running one bash script on `worker` ("all" fans out to every host) of
+    every slice: one command per slice."""
+    return [[*_tpu_vm("ssh", node, args), f"--worker={worker}", f"--command={remote_script}"]
+            for node in node_names(args)]
 
 
 # ------------------------------------------------------------------------- create
 
 def create_commands(args) -> list[list[str]]:
     runtime = args.runtime_version or default_runtime_version(args.accelerator_type)
-    if args.queued:
+    if is_queued(args):
         if args.preemptible:
             raise LaunchError("--preemptible does not apply to queued resources; use --spot")
-        cmd = [*_queued("create", args.name, args), f"--node-id={args.name}",
+        nodes = ([f"--node-id={args.name}"] if args.slices == 1 else
+                 [f"--node-count={args.slices}", f"--node-prefix={args.name}"])
+        cmd = [*_queued("create", args.name, args), *nodes,
                f"--accelerator-type={args.accelerator_type}", f"--runtime-version={runtime}"]
     else:
         cmd = [*_tpu_vm("create", args.name, args),
@@ -171,9 +194,10 @@ def setup_commands(args) -> list[list[str]]:
         commands.append(["bash", "-c",
                          f"cd {shlex.quote(REPO_ROOT)} && git ls-files -z --cached --others "
                          f"--exclude-standard | tar czf {LOCAL_TARBALL} --null -T -"])
-        commands.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", LOCAL_TARBALL,
-                         f"{args.name}:~/{REMOTE_TARBALL}", *_location(args), "--worker=all"])
-    commands.append(ssh_all(args, setup_script(args)))
+        for node in node_names(args):
+            commands.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", LOCAL_TARBALL,
+                             f"{node}:~/{REMOTE_TARBALL}", *_location(args), "--worker=all"])
+    commands += ssh_all(args, setup_script(args))
     return commands
 
 
@@ -242,7 +266,12 @@ def train_commands(args) -> list[list[str]]:
     for kv in args.env:
         if "=" not in kv or kv.startswith("="):
             raise LaunchError(f"--env {kv!r} is not KEY=VALUE")
-    return [ssh_all(args, train_script(args))]
+    for override in args.overrides:
+        key, _, value = override.partition("=")
+        if key == "--config.mesh.slice" and value not in ("0", str(args.slices)):
+            raise LaunchError(f"{override}: the job has --slices {args.slices}; leave "
+                              "config.mesh.slice at 0 (one per slice) or set it to that")
+    return ssh_all(args, train_script(args))
 
 
 # ------------------------------------------------------------ logs, status, stop
@@ -251,18 +280,20 @@ def logs_commands(args) -> list[list[str]]:
     log = log_path(args.run)
     tail = f"tail -n {args.lines}" + (" -F" if args.follow else "")
     script = f"echo \"== $(hostname) {log}\"; {tail} {log}"
-    return [ssh_all(args, script, worker=args.worker)]
+    commands = ssh_all(args, script, worker=args.worker)
+    # Process 0 (worker 0 of the first slice) speaks for the job, unless all are asked for.
+    return commands if args.worker == "all" else commands[:1]
 
 
 def status_commands(args) -> list[list[str]]:
-    describe = (_queued("describe", args.name, args) if args.queued
+    describe = (_queued("describe", args.name, args) if is_queued(args)
                 else _tpu_vm("describe", args.name, args))
     pid = pid_path(args.run)
     script = (f"if {running_test(args.run)}; "
               f"then echo \"$(hostname): {args.run} running (pid $(cat {pid}))\"; "
               f"else echo \"$(hostname): {args.run} not running\"; fi; "
               f"tail -n 1 {log_path(args.run)} 2>/dev/null || true")
-    return [describe, ssh_all(args, script)]
+    return [describe, *ssh_all(args, script)]
 
 
 def stop_script(args) -> str:
@@ -275,12 +306,12 @@ def stop_script(args) -> str:
 
 
 def stop_commands(args) -> list[list[str]]:
-    return [ssh_all(args, stop_script(args))]
+    return ssh_all(args, stop_script(args))
 
 
 def delete_commands(args) -> list[list[str]]:
-    if args.queued:
-        # --force also deletes the TPU VM the queued resource holds.
+    if is_queued(args):
+        # --force also deletes the TPU VMs the queued resource holds.
         return [[*_queued("delete", args.name, args), "--force", "--quiet"]]
     return [[*_tpu_vm("delete", args.name, args), "--quiet"]]
 
@@ -310,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--project", required=True, help="Google Cloud project id")
         p.add_argument("--dry_run", action="store_true",
                        help="print the commands, one per line, and run nothing")
+        p.add_argument("--slices", type=int, default=1,
+                       help="multislice: this many slices of --accelerator_type in one queued "
+                            "resource (nodes NAME-0 .. NAME-<N-1>); the same N for every "
+                            "subcommand of the job (default 1)")
         return p
 
     p = add("create", "Create a TPU VM slice, directly or as a queued resource.")
@@ -376,6 +411,8 @@ def parse_args(argv: Sequence[str] | None):
         parser.error(f"--run {args.run!r}: use letters, digits, '.', '_' or '-'")
     if hasattr(args, "worker") and not re.fullmatch(r"all|\d+", args.worker):
         parser.error(f"--worker {args.worker!r}: a worker index or 'all'")
+    if args.slices < 1:
+        parser.error(f"--slices {args.slices}: the number of slices, >= 1")
     if args.command == "train":
         # The config the workers will run, checked here: a mistake in it is found before any
         # command is printed or run, not on the slice.

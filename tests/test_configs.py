@@ -43,7 +43,7 @@ def test_dico_official_recipe():
 
     s = Settings.from_config(c)
     assert (s.sampler, s.respacing, s.guidance_channels) == ("ddpm", "250", 3)
-    assert dict(c.mesh) == {"data": -1, "fsdp": 1}
+    assert dict(c.mesh) == {"slice": 0, "data": -1, "fsdp": 1}
 
 
 def test_per_scale_recipes():

@@ -124,3 +124,43 @@ def test_constrain_batch_applies_only_under_a_batch_mesh():
     one = sharding_lib.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
     with jax.sharding.use_abstract_mesh(one.abstract_mesh):
         assert "sharding_constraint" not in str(jax.make_jaxpr(sharding_lib.constrain_batch)(x))
+
+
+def test_slice_axis_groups_devices_and_splits_the_batch():
+    # One process: 2 slices of 4 devices, data x fsdp 2 x 2 inside each.
+    mesh = sharding_lib.create_mesh({"slice": 2, "data": 2, "fsdp": 2})
+    assert dict(mesh.shape) == {"slice": 2, "data": 2, "fsdp": 2}
+    assert [[d.id for d in row.flat] for row in mesh.devices] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sharding_lib.slice_processes(mesh) == [[0], [0]]
+    batch = jax.device_put(np.arange(16.0), sharding_lib.batch_sharding(mesh))
+    # Rows in mesh order: the first slice holds the first half of the global batch.
+    rows = {s.device.id: s.data.tolist() for s in batch.addressable_shards}
+    assert rows[0] == [0.0, 1.0] and rows[4] == [8.0, 9.0] and rows[7] == [14.0, 15.0]
+    # Left out or 0: one slice per slice of the job (here 1).
+    assert dict(sharding_lib.create_mesh({"data": -1, "fsdp": 2}).shape) == {
+        "slice": 1, "data": 4, "fsdp": 2}
+
+
+@pytest.mark.parametrize("sizes,slices,message", [
+    ({"slice": 3, "data": -1}, 2, "the devices form 2 slices"),
+    ({"slice": -1, "data": 1}, 1, "cannot be -1"),
+    ({"slice": 2, "data": -1, "model": 2}, 1, "unknown mesh axes"),
+])
+def test_bad_slice_settings(sizes, slices, message):
+    with pytest.raises(ValueError, match=message):
+        sharding_lib.resolve_axis_sizes(sizes, 8, slices)
+
+
+def test_slices_from_the_environment_group_consecutive_processes(monkeypatch):
+    class Device:
+        def __init__(self, process_index):
+            self.process_index = process_index
+
+    devices = [Device(p) for p in (0, 0, 1, 1, 2, 2, 3, 3)]
+    monkeypatch.setenv(sharding_lib.NUM_SLICES_ENV, "2")
+    assert sharding_lib.device_slices(devices) == [0, 0, 0, 0, 1, 1, 1, 1]
+    monkeypatch.setenv(sharding_lib.NUM_SLICES_ENV, "3")
+    with pytest.raises(ValueError, match="does not divide the 4 processes"):
+        sharding_lib.device_slices(devices)
+    monkeypatch.delenv(sharding_lib.NUM_SLICES_ENV)
+    assert sharding_lib.device_slices(devices) == [0] * 8

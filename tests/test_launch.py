@@ -170,6 +170,59 @@ def test_logs_status_stop_fan_out(capsys):
     assert "--worker=all" in stop and "kill -TERM -- -$(cat ~/dico-logs/train.pid)" in remote_script(stop)
 
 
+MULTI = ["--slices", "2"]
+
+
+def test_multislice_create_is_one_queued_resource_of_n_nodes(capsys):
+    [cmd] = dry_run(capsys, "create", *SLICE, *MULTI, "--accelerator_type", "v5p-64", "--spot")
+    assert cmd[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "dico-xl"]
+    assert "--node-count=2" in cmd and "--node-prefix=dico-xl" in cmd
+    assert not any(w.startswith("--node-id") for w in cmd)
+    assert "--accelerator-type=v5p-64" in cmd and "--runtime-version=v2-alpha-tpuv5" in cmd
+    assert "--spot" in cmd
+
+
+def test_multislice_setup_train_status_stop_reach_every_worker_of_every_slice(capsys):
+    pack, *copies_and_installs = dry_run(capsys, "setup", *SLICE, *MULTI)
+    assert "git ls-files" in pack[2]
+    scps = [c for c in copies_and_installs if c[4] == "scp"]
+    installs = [c for c in copies_and_installs if c[4] == "ssh"]
+    assert [c[5] for c in scps] == [tpu.LOCAL_TARBALL] * 2
+    assert [c[6] for c in scps] == ["dico-xl-0:~/dico-jax.tar.gz", "dico-xl-1:~/dico-jax.tar.gz"]
+    assert [c[5] for c in installs] == ["dico-xl-0", "dico-xl-1"]
+    for cmd in scps + installs:
+        assert "--worker=all" in cmd
+
+    trains = dry_run(capsys, *TRAIN, *MULTI)
+    assert [c[5] for c in trains] == ["dico-xl-0", "dico-xl-1"]
+    # The same detached start on every host; the TPU runtime joins the slices.
+    assert remote_script(trains[0]) == remote_script(trains[1])
+    assert all("--worker=all" in c for c in trains)
+
+    describe, *ssh = dry_run(capsys, "status", *SLICE, *MULTI)
+    assert describe[3:6] == ["queued-resources", "describe", "dico-xl"]
+    assert [c[5] for c in ssh] == ["dico-xl-0", "dico-xl-1"]
+    stops = dry_run(capsys, "stop", *SLICE, *MULTI)
+    assert [c[5] for c in stops] == ["dico-xl-0", "dico-xl-1"]
+    [logs] = dry_run(capsys, "logs", *SLICE, *MULTI)  # process 0's host
+    assert logs[5] == "dico-xl-0" and "--worker=0" in logs
+    assert len(dry_run(capsys, "logs", *SLICE, *MULTI, "--worker", "all")) == 2
+    [delete] = dry_run(capsys, "delete", *SLICE, *MULTI)
+    assert delete[3:6] == ["queued-resources", "delete", "dico-xl"] and "--force" in delete
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["create", *SLICE, "--slices", "0", "--accelerator_type", "v5p-8"], "--slices 0"),
+    (["create", *SLICE, *MULTI, "--accelerator_type", "v5p-8", "--preemptible"], "--spot"),
+    ([*TRAIN, *MULTI, "--config.mesh.slice=3"], "--slices 2"),
+])
+def test_bad_multislice_requests_fail_with_a_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        tpu.main([*argv, "--dry_run"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def _fake_worker_home(tmp_path):
     """A worker's home directory whose venv python records its arguments, then sleeps."""
     home = tmp_path / "home"

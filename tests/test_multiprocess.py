@@ -37,20 +37,23 @@ def pod_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def pod_command(n: int, module_args: list[str], devices: int | None = None) -> list[str]:
+def pod_command(n: int, module_args: list[str], devices: int | None = None,
+                slices: int = 1) -> list[str]:
     devices = devices or 8 // n
     return [PY, "-m", "dico_jax.tools.local_pod", "-n", str(n), "--devices_per_process",
-            str(devices), "--grace", "60", "--", PY, "-m", *module_args]
+            str(devices), "--slices", str(slices), "--grace", "60", "--", PY, "-m", *module_args]
 
 
-def run_pod(n: int, module_args: list[str], timeout: float = 600, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(pod_command(n, module_args), cwd=REPO, env=pod_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+def run_pod(n: int, module_args: list[str], timeout: float = 600, slices: int = 1,
+            **env) -> subprocess.CompletedProcess:
+    return subprocess.run(pod_command(n, module_args, slices=slices), cwd=REPO,
+                          env=pod_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
-def train(n: int, workdir: Path, steps: int = STEPS, *extra: str, check: bool = True):
+def train(n: int, workdir: Path, steps: int = STEPS, *extra: str, check: bool = True,
+          slices: int = 1, timeout: float = 600, **env: str):
     result = run_pod(n, [*TRAIN, f"--workdir={workdir}", f"--config.num_train_steps={steps}",
-                         *extra])
+                         *extra], slices=slices, timeout=timeout, **env)
     if check:
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     return result
@@ -113,6 +116,20 @@ def test_fsdp_run_resumes_across_process_counts(tmp_path, reference):
     train(1, workdir, 4, *fsdp)
     train(2, workdir, STEPS, *fsdp)
     assert_losses_close(losses(workdir), reference, range(1, STEPS + 1), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_slices_of_two_processes_match_one_process(tmp_path, reference):
+    # 2 slices x 2 processes x 2 devices: data parallel across the slices, data and FSDP
+    # axes inside each (every parameter split over the 2 devices of a process's pair).
+    workdir = tmp_path / "run"
+    result = train(4, workdir, 4, "--config.mesh.slice=2", "--config.mesh.data=2",
+                   "--config.mesh.fsdp=2", "--config.fsdp_min_size=1", slices=2, timeout=900)
+    text = result.stdout
+    assert "process 3 of 4 in slice 1 of 2 started" in text, text[-4000:]
+    assert "mesh {'slice': 2, 'data': 2, 'fsdp': 2}" in text, text[-4000:]
+    assert "slice 0: processes [0, 1]; slice 1: processes [2, 3]" in text, text[-4000:]
+    assert_losses_close(losses(workdir), reference, range(1, 5), rtol=1e-4)
 
 
 def _start_pod(n: int, module_args: list[str], log: Path) -> subprocess.Popen:

@@ -245,6 +245,38 @@ def test_nan_batch_stops_and_keeps_last_checkpoint(digits_dir, tmp_path):
     assert_trees_equal(on_host["params"], host(good.params))
 
 
+@pytest.mark.slow
+def test_profile_traces_the_chosen_steps_where_tensorboard_and_profile_summary_find_it(
+        digits_dir, tmp_path, capsys):
+    import gzip
+
+    from dico_jax.tools import profile_summary
+
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4, profile=(2, 2)), workdir)
+    [run] = list((tmp_path / "run" / "plugins" / "profile").iterdir())
+    names = sorted(p.name for p in run.iterdir())
+    assert any(n.endswith(".xplane.pb") for n in names), names  # what TensorBoard reads
+    assert json.loads((run / "profile.json").read_text())["steps"] == 2
+    [trace] = [run / n for n in names if n.endswith(".trace.json.gz")]
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    # The loop's step annotations (numbered from 0): steps 2 and 3 only.
+    traced = {int(e["args"]["step_num"]) for e in events
+              if e.get("name") == "train" and "step_num" in e.get("args", {})}
+    assert traced == {1, 2}, traced
+
+    summary = profile_summary.main([workdir])
+    assert f"trace {trace}, 2 step(s)" in capsys.readouterr().out
+    assert summary["device_ms_per_step"] > 0
+    assert {"conv", "matmul"} <= set(summary["categories"]), summary["categories"]
+
+
+@pytest.mark.parametrize("spec", [(0, 2), (3, -1), (1, 2, 3)])
+def test_bad_profile_setting_is_a_user_error(digits_dir, tmp_path, spec):
+    with pytest.raises(train.UserError, match="config.profile"):
+        train.train_and_evaluate(tiny_config(digits_dir, profile=spec), str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line, in subprocesses.
 

@@ -152,9 +152,14 @@ def create_train_iterator(data_dir: str, **kwargs) -> grain.DatasetIterator:
 def make_global_batch(
     local_batch: dict[str, np.ndarray],
     mesh: jax.sharding.Mesh,
-    batch_axes: str | Sequence[str] = ("data", "fsdp"),
+    batch_axes: str | Sequence[str] | None = None,
 ) -> dict[str, jax.Array]:
-    """Assembles each process's batch into global arrays split along dim 0 over ``batch_axes``."""
+    """Assembles each process's batch into global arrays split along dim 0 over ``batch_axes``
+    (default: those of the trainer's batch axes the mesh has)."""
+    if batch_axes is None:
+        from dico_jax.sharding import BATCH_AXES
+
+        batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
     missing = [a for a in axes if a not in mesh.axis_names]
     if missing:

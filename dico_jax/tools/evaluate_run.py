@@ -21,7 +21,7 @@ import jax
 from absl import flags
 
 from configs import default as default_config
-from dico_jax import command, errors, runtime
+from dico_jax import command, compilation_cache, errors, runtime
 
 TOOL = "dico_jax.tools.evaluate_run"
 FLAGS = flags.FLAGS
@@ -76,6 +76,7 @@ def evaluate_run(workdir: str, overrides: dict, steps: list[int] | None = None,
     if missing:
         raise errors.UserError(f"no checkpoint of step(s) {missing} in {directory}; kept: {kept}")
     config = run_config(ckpt_lib.read_config(directory, kept[-1]), overrides)
+    compilation_cache.enable(config.get("compilation_cache_dir", ""), workdir)
     wanted = sorted(steps) if steps else kept
     done = set(during_training.evaluated_steps(workdir)) & set(wanted)
     if done and not force:

@@ -6,7 +6,15 @@
 Process i gets JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCESSES=n and
 JAX_PROCESS_ID=i, which `dico_jax.runtime.start()` reads; with `--devices_per_process` it runs
 on the CPU backend with that many devices per process, as a pod slice of n hosts would run
-with its chips. Every line a process prints comes out prefixed with `[i]`.
+with its chips. `--slices S` rehearses a multislice job: the n processes form S slices of
+n / S consecutive processes (DICO_JAX_NUM_SLICES=S, which `dico_jax.sharding` reads to build
+the mesh's `slice` axis), e.g. 2 slices x 2 processes x 2 devices:
+
+    python -m dico_jax.tools.local_pod -n 4 --slices 2 --devices_per_process 2 -- \\
+        python -m dico_jax.main --config=configs/digits.py --workdir=/tmp/digits \\
+        --config.mesh.slice=2 --config.mesh.fsdp=2
+
+Every line a process prints comes out prefixed with `[i]`.
 
 If a process exits non-zero or is killed, the others are given `--grace` seconds to notice
 on their own (they stop when they lose a peer), then stopped; the pod exits non-zero and
@@ -29,6 +37,7 @@ from collections.abc import Sequence
 from dico_jax import command
 
 EXIT_PEER_LOST = 75  # dico_jax.runtime.EXIT_PEER_LOST; not imported, to keep JAX out of here
+NUM_SLICES_ENV = "DICO_JAX_NUM_SLICES"  # dico_jax.sharding.NUM_SLICES_ENV, for the same reason
 
 
 def free_port() -> int:
@@ -38,11 +47,14 @@ def free_port() -> int:
 
 
 def process_env(base: dict[str, str], *, index: int, count: int, address: str,
-                devices_per_process: int | None) -> dict[str, str]:
+                devices_per_process: int | None, slices: int = 1) -> dict[str, str]:
     env = dict(base)
     env["PYTHONUNBUFFERED"] = "1"
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                 NUM_SLICES_ENV):
         env.pop(name, None)
+    if slices > 1:
+        env[NUM_SLICES_ENV] = str(slices)
     if count > 1:  # one process runs alone, without a coordinator
         env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(count),
                    JAX_PROCESS_ID=str(index))
@@ -71,7 +83,7 @@ GLOO_CHATTER = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
 
 class Pod:
     def __init__(self, command: Sequence[str], count: int, devices_per_process: int | None,
-                 port: int | None = None, out=None):
+                 port: int | None = None, out=None, slices: int = 1):
         self.out = out or sys.stdout
         self.lock = threading.Lock()
         address = f"127.0.0.1:{port or free_port()}"
@@ -79,11 +91,13 @@ class Pod:
         self.pumps = []
         for i in range(count):
             env = process_env(os.environ, index=i, count=count, address=address,
-                              devices_per_process=devices_per_process)
+                              devices_per_process=devices_per_process, slices=slices)
             proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             self.procs.append(proc)
-            self.say(f"process {i} of {count} started, pid {proc.pid}, coordinator {address}")
+            where = f" in slice {i // (count // slices)} of {slices}" if slices > 1 else ""
+            self.say(f"process {i} of {count}{where} started, pid {proc.pid}, "
+                     f"coordinator {address}")
             pump = threading.Thread(target=self._pump, args=(i, proc), daemon=True)
             pump.start()
             self.pumps.append(pump)
@@ -160,6 +174,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-n", "--num_processes", type=int, required=True)
     parser.add_argument("--devices_per_process", type=int, default=None,
                         help="run on the CPU backend with this many devices per process")
+    parser.add_argument("--slices", type=int, default=1,
+                        help="rehearse a multislice job: the processes form this many slices")
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds the others get to stop on their own after one fails")
@@ -171,12 +187,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("no command given: local_pod -n N -- command ...")
     if args.num_processes < 1:
         parser.error(f"-n must be >= 1, got {args.num_processes}")
+    if args.slices < 1 or args.num_processes % args.slices:
+        parser.error(f"--slices {args.slices} must be >= 1 and divide the {args.num_processes} "
+                     "processes into equal slices")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    pod = Pod(args.command, args.num_processes, args.devices_per_process, args.port)
+    pod = Pod(args.command, args.num_processes, args.devices_per_process, args.port,
+              slices=args.slices)
 
     def forward(signum, frame):
         del frame

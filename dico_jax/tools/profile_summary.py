@@ -1,9 +1,14 @@
 """Device time per op from a JAX profiler trace, grouped by what each op computes.
 
-    python -m dico_jax.tools.profile_summary TRACE_DIR_OR_FILE HLO_TEXT [--steps N] [--top K]
+    python -m dico_jax.tools.profile_summary WORKDIR              # the run's config.profile
+    python -m dico_jax.tools.profile_summary TRACE_DIR_OR_FILE [HLO_TEXT] [--steps N] [--top K]
 
-TRACE is the `perfetto_trace.json.gz` that `jax.profiler.trace(..., create_perfetto_trace=True)`
-writes (or a folder holding one); HLO_TEXT is the optimized program (`compiled.as_text()`).
+TRACE is a trace that `jax.profiler` writes (`<host>.trace.json.gz`, or the
+`perfetto_trace.json.gz` of `create_perfetto_trace=True`), or a folder holding one: a training
+workdir, its `plugins/profile/` or one run folder inside it (the newest is read); local or
+gs://. HLO_TEXT is the optimized program (`compiled.as_text()`); left out, the
+`train_step.hlo.txt.gz` beside the trace is read, and --steps defaults to the steps its
+`profile.json` records (both written by training with `config.profile`).
 Each traced op is looked up by its HLO instruction name; the instruction and the computation
 it calls are read for convolutions, matrix products and the named scopes that
 `dico_jax.models.layers` puts on its functions (depthwise3x3, channel_attention,
@@ -12,11 +17,11 @@ modulated_layer_norm, gelu). The benchmark's `--profile` writes both files and p
 from __future__ import annotations
 
 import collections
-import glob
 import gzip
 import json
-import os
 import re
+
+from etils import epath
 
 from dico_jax import command
 
@@ -85,14 +90,30 @@ def categorize(desc: str) -> str:
     return "other"
 
 
+_TRACE_PATTERNS = ("perfetto_trace.json.gz", "*.trace.json.gz")
+
+
 def find_trace(path: str) -> str:
-    if os.path.isfile(path):
-        return path
-    found = sorted(glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True),
-                   key=os.path.getmtime)
-    if not found:
-        raise FileNotFoundError(f"no perfetto_trace.json.gz under {path}")
-    return found[-1]
+    """The trace file `path` names, or the one in the newest profile run folder under it (run
+    folders are named by their UTC start time, so the newest sorts last)."""
+    root = epath.Path(path)
+    if root.is_file():
+        return str(root)
+    for folder in (root, root / "plugins" / "profile", root / "plugins"):
+        for depth in ("", "*/", "*/*/"):
+            found = sorted({p for pattern in _TRACE_PATTERNS
+                            for p in folder.glob(depth + pattern)},
+                           key=lambda p: (p.parent.name, p.name != "perfetto_trace.json.gz"))
+            if found:
+                newest = found[-1].parent
+                return str(next(p for p in found if p.parent == newest))
+    raise FileNotFoundError(f"no profiler trace (perfetto_trace.json.gz or *.trace.json.gz) "
+                            f"under {path}")
+
+
+def _read_text(path) -> str:
+    data = epath.Path(path).read_bytes()
+    return (gzip.decompress(data) if str(path).endswith(".gz") else data).decode()
 
 
 def _kernel_category(kernel: str) -> str:
@@ -114,9 +135,7 @@ def op_times(trace_path: str, hlo: dict[str, str]) -> dict[str, tuple[str, float
     name (XLA names a fusion's kernel after the instruction, with '.' and '-' as '_'); events
     inside CUDA graphs carry only the graph's name, so the kernel name is what matches them.
     """
-    opener = gzip.open if trace_path.endswith(".gz") else open
-    with opener(trace_path, "rt") as f:
-        data = json.load(f)
+    data = json.loads(_read_text(trace_path))
     events = data["traceEvents"] if isinstance(data, dict) else data
     procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -168,15 +187,31 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    ap = command.ArgumentParser("dico_jax.tools.profile_summary", description=__doc__.splitlines()[0])
-    ap.add_argument("trace", help="perfetto_trace.json.gz, or a folder holding one")
-    ap.add_argument("hlo", help="optimized HLO text of the traced program")
-    ap.add_argument("--steps", type=int, default=1, help="steps the trace covers")
+    from dico_jax import errors
+
+    ap = command.ArgumentParser("dico_jax.tools.profile_summary",
+                                description=__doc__.splitlines()[0])
+    ap.add_argument("trace", help="a trace file, or a folder holding one (e.g. a workdir)")
+    ap.add_argument("hlo", nargs="?", default=None,
+                    help="optimized HLO text of the traced program (default: the "
+                         "train_step.hlo.txt.gz beside the trace)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps the trace covers (default: its profile.json, else 1)")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
-    opener = gzip.open if args.hlo.endswith(".gz") else open
-    with opener(args.hlo, "rt") as f:
-        summary = summarize(args.trace, f.read(), args.steps, args.top)
+    with errors.cli("dico_jax.tools.profile_summary", also=(OSError, ValueError)):
+        trace = find_trace(args.trace)
+        beside = epath.Path(trace).parent
+        hlo = args.hlo or beside / "train_step.hlo.txt.gz"
+        if not epath.Path(hlo).exists():
+            raise errors.UserError(f"{hlo} does not exist: give the optimized HLO of the traced "
+                                   "program as the second argument")
+        steps = args.steps
+        if steps is None:
+            info = beside / "profile.json"
+            steps = json.loads(info.read_text())["steps"] if info.exists() else 1
+        print(f"trace {trace}, {steps} step(s)")
+        summary = summarize(trace, _read_text(hlo), steps, args.top)
     print_summary(summary)
     return summary
 
