@@ -201,13 +201,15 @@ class _StepLog:
         self.last: dict[str, float] = {}
         self.losses_file = None
         if losses_path:
-            self.losses_file = open(losses_path, "a+")
-            self.losses_file.seek(0, os.SEEK_END)
-            if self.losses_file.tell():
-                # A run killed mid-line leaves a partial record; start on a fresh line.
-                self.losses_file.seek(self.losses_file.tell() - 1)
-                if self.losses_file.read(1) != "\n":
-                    self.losses_file.write("\n")
+            path = epath.Path(losses_path)
+            # A run killed mid-line leaves a partial record; start on a fresh line.
+            text = path.read_text() if path.exists() else ""
+            partial = bool(text) and not text.endswith("\n")
+            # On Cloud Storage each flush uploads the whole file again: a debugging aid only.
+            self._opened = path.open("a")
+            self.losses_file = self._opened.__enter__()
+            if partial:
+                self.losses_file.write("\n")
 
     def add(self, step: int, metrics: Metrics) -> None:
         self.pending.append((step, metrics))
@@ -238,7 +240,8 @@ class _StepLog:
 
     def close(self) -> None:
         if self.losses_file is not None:
-            self.losses_file.close()
+            self._opened.__exit__(None, None, None)
+            self.losses_file = None
 
 
 def write_run_config(config: ml_collections.ConfigDict, workdir: str, extra: Mapping[str, Any]) -> None:
@@ -291,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if is_chief:
         write_run_config(config, workdir, {
             "forward_flops_per_image": flops_per_image, "num_params": num_params,
-            "latent_shape": list(latent_shape), "data_dir": os.path.abspath(data_dir)})
+            "latent_shape": list(latent_shape), "data_dir": ckpt_lib.resolve_workdir(data_dir)})
     logging.info("mesh %s on %d devices (%s); %s: %d parameters, %.3g forward FLOPs per image",
                  dict(mesh.shape), mesh.size, jax.devices()[0].device_kind, config.model.name,
                  num_params, flops_per_image)

@@ -1,0 +1,27 @@
+"""Files that may live on Cloud Storage: one way to tell a URL and to write a file whole."""
+from __future__ import annotations
+
+from typing import Callable
+
+from etils import epath
+
+
+def is_remote(path: str) -> bool:
+    """A URL (gs://...) rather than a local path."""
+    return "://" in str(path)
+
+
+def atomic_write(path: str | epath.Path, write: Callable) -> None:
+    """Writes through `write(binary file)` so that a reader never sees half a file and a run
+    killed while writing leaves none: locally a temporary file renamed over the target; on
+    Cloud Storage the object itself, which appears only once its upload completes."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(str(path)):
+        with path.open("wb") as f:
+            write(f)
+        return
+    tmp = path.parent / f".{path.name}.tmp"
+    with tmp.open("wb") as f:
+        write(f)
+    tmp.replace(path)
