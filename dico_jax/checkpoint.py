@@ -65,7 +65,7 @@ class TrainCheckpointer:
     """An `ocp.CheckpointManager` for the items of a training run."""
 
     def __init__(self, directory: str, *, keep: int, keep_every: int = 0,
-                 async_save: bool = True):
+                 async_save: bool = True, timeout_secs: int = 1200):
         """Keeps the newest `keep` steps and, forever, every step divisible by `keep_every`
         (0: none), the checkpoints a scaling curve is evaluated at."""
         if keep < 1:
@@ -77,6 +77,9 @@ class TrainCheckpointer:
             # Leftovers of a save interrupted by a kill are never read; remove them.
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
+            # A save whose background writes fail (storage gone) leaves the next one waiting
+            # for signals that never come: this bounds that wait.
+            async_options=ocp.AsyncOptions(timeout_secs=timeout_secs),
         )
         self.directory = directory
         self.manager = ocp.CheckpointManager(directory, options=options)

@@ -25,3 +25,19 @@ def atomic_write(path: str | epath.Path, write: Callable) -> None:
     with tmp.open("wb") as f:
         write(f)
     tmp.replace(path)
+
+
+def bucket(path: str) -> str:
+    """`gs://bucket` of a URL."""
+    scheme, _, rest = str(path).partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def unreachable(path: str) -> str | None:
+    """None when the storage holding `path` answers, else why not (after the storage layer's own
+    retries: TensorFlow's GCS_RETRY_CONFIG_* settings bound them)."""
+    try:
+        epath.Path(path).exists()
+    except Exception as err:  # noqa: BLE001 - each file system raises its own types
+        return " ".join(str(err).split())[:200]
+    return None

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dico_jax import builders, chips
+from dico_jax import builders, chips, errors, storage
 from dico_jax import sharding as sharding_lib
 from dico_jax.errors import UserError
 from dico_jax.models import check_norm_impl, count_params, forward_flops_per_image
@@ -257,6 +257,26 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str, extra: Map
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains to `config.num_train_steps`, resuming from the latest checkpoint in `workdir`.
 
+    A run on Cloud Storage rides out outages that the storage layers' retries cover; one that
+    lasts longer stops the run with `StorageUnavailable` naming the bucket (the checkpoints
+    already complete stay so, and the same command resumes from the newest).
+    """
+    try:
+        return _train_and_evaluate(config, workdir)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if not storage.is_remote(workdir) or (reason := storage.unreachable(workdir)) is None:
+            raise
+        raise errors.StorageUnavailable(
+            f"Cloud Storage bucket {storage.bucket(workdir)} cannot be reached ({reason}); the run "
+            "stopped after retrying. Rerun the same command once it answers: the run resumes "
+            "from its last complete checkpoint") from err
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains to `config.num_train_steps`, resuming from the latest checkpoint in `workdir`.
+
     Returns the final state. Stops early, after saving, when SIGTERM arrives; raises
     `NonFiniteLossError` (without saving) at the first step whose loss or gradient is not finite.
     """
@@ -304,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         random_flip=config.data.random_flip, worker_count=config.data.worker_count)
     checkpointer = ckpt_lib.TrainCheckpointer(
         ckpt_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints,
-        keep_every=config.keep_every_steps)
+        keep_every=config.keep_every_steps, timeout_secs=config.checkpoint_timeout_secs)
     latest = checkpointer.latest_step()
     if latest is not None:
         ckpt_lib.check_same_model(checkpointer.saved_config(latest), config,

@@ -95,7 +95,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.start(orbax_level=logging.ERROR)
     with errors.cli("dico_jax.tools.evaluate_run", also=(OSError, ValueError, KeyError)):
-        workdir = os.path.abspath(FLAGS.workdir)
+        from dico_jax.checkpoint import resolve_workdir
+
+        workdir = resolve_workdir(FLAGS.workdir)
         try:
             steps = [int(s) for s in FLAGS.steps] if FLAGS.steps else None
         except ValueError:

@@ -29,6 +29,7 @@ import sys
 from typing import Iterable, Sequence
 
 import numpy as np
+from etils import epath
 
 OFFICIAL_LOGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_logs")
 OFFICIAL_GLOBAL_BATCH = 256
@@ -329,7 +330,7 @@ def _curve_order(curve: LossCurve):
 
 def write_loss_csv(path: str, curves: Iterable[LossCurve], window: int) -> int:
     rows = 0
-    with open(path, "w", newline="") as f:
+    with epath.Path(path).open("w") as f:  # local or gs://
         writer = csv.writer(f)
         writer.writerow(["source", "label", "model", "resolution", "global_batch", "step",
                          "loss", f"loss_smoothed_ma{effective_window(window)}", "train_flops"])
@@ -347,7 +348,7 @@ def write_loss_csv(path: str, curves: Iterable[LossCurve], window: int) -> int:
 
 def write_fid_csv(path: str, points: Iterable[FidPoint]) -> int:
     rows = 0
-    with open(path, "w", newline="") as f:
+    with epath.Path(path).open("w") as f:  # local or gs://
         writer = csv.writer(f)
         writer.writerow(["source", "label", "model", "resolution", "step", "fid",
                          "forward_gflops_per_image"])
@@ -378,7 +379,8 @@ def save_log_plot(fig, ax, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with epath.Path(path).open("wb") as f:  # local or gs://
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -496,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         evals.append(scaling_eval.RunEvals.read(run_dir, curve))
     curves.sort(key=_curve_order)
 
-    os.makedirs(args.out, exist_ok=True)
+    epath.Path(args.out).mkdir(parents=True, exist_ok=True)
     written = []
     plot_loss(os.path.join(args.out, "loss_vs_step.png"), curves, args.smooth, "step")
     written.append("loss_vs_step.png")

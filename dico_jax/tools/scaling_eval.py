@@ -16,6 +16,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 METRICS = ("fid", "sfid", "is", "precision", "recall", "accuracy")
 TRAIN_FLOPS_PER_FORWARD = 3.0  # forward plus a backward of about twice the forward
@@ -72,7 +73,7 @@ class RunEvals:
 
 def write_csv(path: str, runs: Sequence[RunEvals]) -> int:
     rows = 0
-    with open(path, "w", newline="") as f:
+    with epath.Path(path).open("w") as f:  # local or gs://
         writer = csv.writer(f)
         writer.writerow(["label", "model", "resolution", "step", "train_flops", *METRICS])
         for run in runs:
@@ -116,7 +117,8 @@ def plot_metrics(path: str, runs: Sequence[RunEvals]) -> None:
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with epath.Path(path).open("wb") as f:  # local or gs://
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 
