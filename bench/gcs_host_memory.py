@@ -49,7 +49,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--checkpoint_every", type=int, default=250)
     parser.add_argument("--out", default=None, help="CSV of (seconds, step, rss_mib)")
+    parser.add_argument("--from_csv", default=None, help="only print the table of a saved CSV")
     args, extra = parser.parse_known_args()
+    if args.from_csv:
+        with open(args.from_csv) as f:
+            rows = [line.split(",") for line in f.read().splitlines()[1:]]
+        report([(float(t), int(s), float(r)) for t, s, r in rows], args.steps,
+               args.checkpoint_every)
+        return
 
     folder = tempfile.mkdtemp(prefix="gcs_bench_")
     storage = GcsEmulator(folder).start()
@@ -82,23 +89,26 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write("seconds,step,rss_mib\n")
             f.writelines(f"{t:.1f},{s},{r:.1f}\n" for t, s, r in samples)
-    print(f"digits, {args.steps} steps, workdir gs://bench/run on the emulator; "
-          f"{len(samples)} samples of VmRSS, {samples[-1][0]:.0f} s")
-    print(f"{'step':>6} {'seconds':>8} {'RSS MiB':>8}")
-    shown = set()
-    for target in range(0, args.steps + 1, max(args.steps // 10, 1)):
-        t, s, r = min(samples, key=lambda x: (abs(x[1] - target), x[0]))
-        if (t, s) not in shown:
-            shown.add((t, s))
-            print(f"{s:>6} {t:>8.0f} {r:>8.1f}")
-    warm = [x for x in samples if x[1] >= args.checkpoint_every]
-    if len(warm) >= 2:
-        first, peak_after = warm[0], max(x[2] for x in warm)
-        end = warm[-1]
-        steps = max(end[1] - first[1], 1)
-        print(f"after warm-up (step {first[1]} on): {first[2]:.1f} MiB -> {end[2]:.1f} MiB at "
-              f"step {end[1]} (peak {peak_after:.1f}); growth "
-              f"{(end[2] - first[2]) / steps * 1000:+.1f} MiB per 1000 steps")
+    report(samples, args.steps, args.checkpoint_every)
+
+
+def report(samples, steps: int, window: int) -> None:
+    """Per window of `window` steps (the checkpoint interval): the lowest resident size (the
+    baseline between saves) and the highest (a save's transient)."""
+    print(f"digits, {steps} steps, workdir on the emulator; {len(samples)} samples of VmRSS "
+          f"over {samples[-1][0]:.0f} s")
+    print(f"{'steps':>11} {'min MiB':>8} {'max MiB':>8}")
+    lows = []
+    for lo in range(0, steps, window):
+        inside = [r for _, s, r in samples if lo <= s < lo + window or (s == steps == lo + window)]
+        if inside:
+            print(f"{lo:>5}-{lo + window:<5} {min(inside):>8.1f} {max(inside):>8.1f}")
+            if lo >= window:  # after warm-up: the first window compiles and builds the data
+                lows.append((lo, min(inside)))
+    if len(lows) >= 2:
+        (first, a), (last, b) = lows[0], lows[-1]
+        print(f"baseline after warm-up: {a:.1f} MiB (steps {first}+) -> {b:.1f} MiB (steps "
+              f"{last}+): {(b - a) / max(last - first, 1) * 1000:+.1f} MiB per 1000 steps")
 
 
 if __name__ == "__main__":

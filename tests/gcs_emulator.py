@@ -16,6 +16,7 @@ storage outage) and started again with the same contents.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import shutil
@@ -41,16 +42,6 @@ def binary_path() -> Path | None:
     except RuntimeError:
         return None
     return path if os.access(path, os.X_OK) else None
-
-
-def _die_with_parent() -> None:
-    """Linux: the emulator and proxy go when the process that started them goes, even killed."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _free_port() -> int:
@@ -117,6 +108,7 @@ class GcsEmulator:
         self.url = f"http://127.0.0.1:{self.http_port}"
         self._server: subprocess.Popen | None = None
         self._proxy: subprocess.Popen | None = None
+        atexit.register(self.close)  # also when the fixture's teardown never runs
 
     @property
     def env(self) -> dict[str, str]:
@@ -151,12 +143,12 @@ class GcsEmulator:
             [str(binary), "-scheme", "http", "-backend", "filesystem",
              "-filesystem-root", str(self.root), "-host", "127.0.0.1",
              "-port", str(self.http_port), "-external-url", self.url, "-log-level", os.environ.get("GCS_EMULATOR_LOG_LEVEL", "warn")],
-            stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
+            stdout=log, stderr=log, start_new_session=True)
         if self._proxy is None or self._proxy.poll() is not None:
             self._proxy = subprocess.Popen(
                 [sys.executable, str(Path(__file__).with_name("gcs_connect_proxy.py")),
                  str(self.proxy_port), str(self.http_port), str(self.cert), str(self.key)],
-                stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
+                stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 20
         while True:
             try:

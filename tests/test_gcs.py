@@ -20,7 +20,7 @@ from dico_jax import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "dico-test"
-NUM_STEPS = 8
+NUM_STEPS = 24
 TINY = {
     "model.hidden_size": 16,
     "global_batch_size": 16,
@@ -206,7 +206,7 @@ def test_tools_read_and_write_gs(gcs, gs_run, tmp_path, monkeypatch):
     exported = checkpoints.export_torch_checkpoint(f"{run}/checkpoints", f"{out}/dico.pt")
     assert exported.files == (f"{out}/dico.pt",)
 
-    # The step-4 checkpoint has no evaluation yet (the run evaluated step 8 only).
+    # The step-4 checkpoint has no evaluation yet (the run evaluated its last step only).
     assert evaluate_run.evaluate_run(run, {}, [4]) == [4]
     assert json.loads(epath.Path(run, "eval", "4.json").read_text())["step"] == 4
 
@@ -215,3 +215,36 @@ def test_tools_read_and_write_gs(gcs, gs_run, tmp_path, monkeypatch):
     assert {"tools/samples.npz", "tools/grid.png", "tools/dico.pt",
             "tools/scaling/loss_vs_step.png", "tools/scaling/loss_curves.csv"} <= names, names
     assert local_files(tmp_path) == []
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("sig,seen", [(signal.SIGKILL, 1), (signal.SIGKILL, 12),
+                                      (signal.SIGTERM, 1)])
+def test_kill_during_an_async_save_to_gs_resumes_from_a_complete_checkpoint(
+        gcs, gs_run, compilation_cache, tmp_path, sig, seen):
+    """Killed once `seen` objects of the step-8 checkpoint are in the bucket (the save under
+    way; 8 is not the last step): the restart resumes from a complete checkpoint and ends bit-identical."""
+    workdir = f"gs://{BUCKET}/kill-{sig.name}-{seen}"
+    name = workdir.split("/")[-1]
+    cmd = command(workdir, **{"data.dir": f"{gs_run['workdir']}/digits"})
+    env = environment(gcs, compilation_cache, tmp_path / "tmp")
+    log_path = tmp_path / "killed.txt"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=log)
+        start = time.time()
+        while len([n for n in gcs.objects(BUCKET, f"{name}/checkpoints/8/")]) < seen:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() - start < 300
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.wait(timeout=300)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = read_losses(gs_run["workdir"])
+    for step, values in read_losses(workdir).items():
+        assert values == reference[step] * len(values), step
+    ours, step = ckpt_lib.restore_to_host(f"{workdir}/checkpoints")
+    theirs, _ = ckpt_lib.restore_to_host(f"{gs_run['workdir']}/checkpoints", step)
+    assert step == NUM_STEPS
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b)
