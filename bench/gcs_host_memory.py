@@ -1,12 +1,13 @@
 """Host memory of a digits run whose workdir is on Cloud Storage: does it grow?
 
-    python bench/gcs_host_memory.py [--steps 2000] [--out /tmp/gcs_memory.csv] [--config.X=Y ...]
+    python bench/gcs_host_memory.py [--steps 2000] [--out /tmp/gcs_memory.csv] [--local] [--config.X=Y ...]
 
 Starts the test Cloud Storage (tests/gcs_emulator.py: fake-gcs-server, every storage layer
 pointed at it), trains `configs/digits.py` with `--workdir=gs://bench/run` in a subprocess (the
 dataset, checkpoints, TensorBoard events and losses all on the bucket), reads the trainer's
 resident memory (VmRSS) every second and prints it against the training step, then the growth
-after warm-up (from the first checkpoint on). Extra `--config.*` flags go to the trainer.
+after warm-up (from the first checkpoint on). `--local` puts the workdir on local disk for
+comparison. Extra `--config.*` flags go to the trainer; `--from_csv` reprints a saved series.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--checkpoint_every", type=int, default=250)
     parser.add_argument("--out", default=None, help="CSV of (seconds, step, rss_mib)")
+    parser.add_argument("--local", action="store_true",
+                        help="the workdir on local disk instead (the comparison)")
     parser.add_argument("--from_csv", default=None, help="only print the table of a saved CSV")
     args, extra = parser.parse_known_args()
     if args.from_csv:
@@ -65,8 +68,9 @@ def main() -> None:
         flags = {"num_train_steps": args.steps, "log_every_steps": 50,
                  "checkpoint_every_steps": args.checkpoint_every, "keep_checkpoints": 2,
                  "keep_every_steps": 0, "eval.every_steps": 0, "sample_at_end": False}
+        workdir = os.path.join(folder, "run") if args.local else "gs://bench/run"
         cmd = ([sys.executable, "-m", "dico_jax.main", f"--config={ROOT}/configs/digits.py",
-                "--workdir=gs://bench/run"] + [f"--config.{k}={v}" for k, v in flags.items()]
+                f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
                + extra)
         log_path = os.path.join(folder, "train.log")
         samples = []
