@@ -1,6 +1,7 @@
 """Files that may live on Cloud Storage: one way to tell a URL and to write a file whole."""
 from __future__ import annotations
 
+import io
 from typing import Callable
 
 from etils import epath
@@ -14,12 +15,15 @@ def is_remote(path: str) -> bool:
 def atomic_write(path: str | epath.Path, write: Callable) -> None:
     """Writes through `write(binary file)` so that a reader never sees half a file and a run
     killed while writing leaves none: locally a temporary file renamed over the target; on
-    Cloud Storage the object itself, which appears only once its upload completes."""
+    Cloud Storage the object itself, which appears only once its upload completes. There the
+    bytes are put together in memory first: writers that seek (zip files: np.savez,
+    torch.save) cannot seek in an object being uploaded."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_remote(str(path)):
-        with path.open("wb") as f:
-            write(f)
+        buffer = io.BytesIO()
+        write(buffer)
+        path.write_bytes(buffer.getvalue())
         return
     tmp = path.parent / f".{path.name}.tmp"
     with tmp.open("wb") as f:

@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from etils import epath
 
+from dico_jax import storage
+
 OFFICIAL_LOGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_logs")
 OFFICIAL_GLOBAL_BATCH = 256
 LOSS_TAG = "train/loss"
@@ -330,7 +332,7 @@ def _curve_order(curve: LossCurve):
 
 def write_loss_csv(path: str, curves: Iterable[LossCurve], window: int) -> int:
     rows = 0
-    with epath.Path(path).open("w") as f:  # local or gs://
+    with epath.Path(path).open("w") as f:
         writer = csv.writer(f)
         writer.writerow(["source", "label", "model", "resolution", "global_batch", "step",
                          "loss", f"loss_smoothed_ma{effective_window(window)}", "train_flops"])
@@ -348,7 +350,7 @@ def write_loss_csv(path: str, curves: Iterable[LossCurve], window: int) -> int:
 
 def write_fid_csv(path: str, points: Iterable[FidPoint]) -> int:
     rows = 0
-    with epath.Path(path).open("w") as f:  # local or gs://
+    with epath.Path(path).open("w") as f:
         writer = csv.writer(f)
         writer.writerow(["source", "label", "model", "resolution", "step", "fid",
                          "forward_gflops_per_image"])
@@ -379,8 +381,7 @@ def save_log_plot(fig, ax, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with epath.Path(path).open("wb") as f:  # local or gs://
-        fig.savefig(f, format="png", dpi=120)
+    storage.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 

@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
+from dico_jax import storage
+
 METRICS = ("fid", "sfid", "is", "precision", "recall", "accuracy")
 TRAIN_FLOPS_PER_FORWARD = 3.0  # forward plus a backward of about twice the forward
 
@@ -73,7 +75,7 @@ class RunEvals:
 
 def write_csv(path: str, runs: Sequence[RunEvals]) -> int:
     rows = 0
-    with epath.Path(path).open("w") as f:  # local or gs://
+    with epath.Path(path).open("w") as f:
         writer = csv.writer(f)
         writer.writerow(["label", "model", "resolution", "step", "train_flops", *METRICS])
         for run in runs:
@@ -117,8 +119,7 @@ def plot_metrics(path: str, runs: Sequence[RunEvals]) -> None:
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    with epath.Path(path).open("wb") as f:  # local or gs://
-        fig.savefig(f, format="png", dpi=110)
+    storage.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
