@@ -93,13 +93,13 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write("seconds,step,rss_mib\n")
             f.writelines(f"{t:.1f},{s},{r:.1f}\n" for t, s, r in samples)
-    report(samples, args.steps, args.checkpoint_every)
+    report(samples, args.steps, args.checkpoint_every, "local disk" if args.local else "the emulator")
 
 
-def report(samples, steps: int, window: int) -> None:
+def report(samples, steps: int, window: int, where: str = "the emulator") -> None:
     """Per window of `window` steps (the checkpoint interval): the lowest resident size (the
     baseline between saves) and the highest (a save's transient)."""
-    print(f"digits, {steps} steps, workdir on the emulator; {len(samples)} samples of VmRSS "
+    print(f"digits, {steps} steps, workdir on {where}; {len(samples)} samples of VmRSS "
           f"over {samples[-1][0]:.0f} s")
     print(f"{'steps':>11} {'min MiB':>8} {'max MiB':>8}")
     lows = []
