@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.checkpoint_every_steps = 50_000
     config.keep_checkpoints = 3
+    # The longest a checkpoint save may take before the run stops (Orbax's default): what a
+    # save blocked by an unreachable bucket waits, once the storage layers' retries are spent.
+    config.checkpoint_timeout_secs = 1200
     # Checkpoints at multiples of this many steps are never deleted (0: none): the points of
     # a scaling curve, evaluated during the run or afterwards.
     config.keep_every_steps = 50_000

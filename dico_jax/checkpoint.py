@@ -35,21 +35,22 @@ def checkpoint_dir(workdir: str) -> str:
 def resolve_checkpoint_path(path: str, step: int | None = None) -> tuple[str, int | None]:
     """(directory holding `<step>/` folders, step) for a checkpoints dir, a training workdir
     (its `checkpoints/`) or one step's folder (`.../<step>`, which also fixes the step)."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.exists(path):
+    path = resolve_workdir(os.fspath(path))
+    where = epath.Path(path)
+    if not where.exists():
         raise MissingFile(f"no checkpoint directory {path}")
-    if not os.path.isdir(path):
+    if not where.is_dir():
         raise NotAFolder(
             f"{path} is a file; expected an Orbax checkpoint directory (a training workdir, its "
             "checkpoints/ folder, or a folder written by `python -m dico_jax.convert from-torch`)")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if (where / "checkpoints").is_dir():
         return os.path.join(path, "checkpoints"), step
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    name = os.path.basename(path.rstrip("/"))
+    if name.isdigit() and (where / "state").is_dir():
         if step is not None and step != int(name):
             raise UserError(
                 f"{path} is the checkpoint of step {int(name)}, but step {step} was asked for")
-        return os.path.dirname(path), int(name)
+        return os.path.dirname(path.rstrip("/")), int(name)
     return path, step
 
 
@@ -64,7 +65,7 @@ class TrainCheckpointer:
     """An `ocp.CheckpointManager` for the items of a training run."""
 
     def __init__(self, directory: str, *, keep: int, keep_every: int = 0,
-                 async_save: bool = True):
+                 async_save: bool = True, timeout_secs: int = 1200):
         """Keeps the newest `keep` steps and, forever, every step divisible by `keep_every`
         (0: none), the checkpoints a scaling curve is evaluated at."""
         if keep < 1:
@@ -76,6 +77,9 @@ class TrainCheckpointer:
             # Leftovers of a save interrupted by a kill are never read; remove them.
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
+            # A save whose background writes fail (storage gone) leaves the next one waiting
+            # for signals that never come: this bounds that wait.
+            async_options=ocp.AsyncOptions(timeout_secs=timeout_secs),
         )
         self.directory = directory
         self.manager = ocp.CheckpointManager(directory, options=options)
@@ -259,6 +263,8 @@ def _read_only_manager(directory: str) -> ocp.CheckpointManager:
 
 
 def _latest_step(directory: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+    # Orbax takes absolute paths only; a relative one is taken from the current directory.
+    directory = resolve_workdir(os.fspath(directory))
     if not epath.Path(directory).is_dir():
         raise MissingFile(f"no checkpoint directory {directory}")
     manager = _read_only_manager(directory)
@@ -274,6 +280,7 @@ def _latest_step(directory: str, step: int | None) -> tuple[ocp.CheckpointManage
 
 def saved_steps(directory: str) -> list[int]:
     """The steps with a finished checkpoint in `directory`, ascending."""
+    directory = resolve_workdir(os.fspath(directory))
     if not epath.Path(directory).is_dir():
         return []
     manager = _read_only_manager(directory)

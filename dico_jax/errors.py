@@ -30,6 +30,10 @@ class NotAFolder(UserError, NotADirectoryError):
     """A file was named where a folder is needed."""
 
 
+class StorageUnavailable(UserError):
+    """The storage of the workdir (a Cloud Storage bucket) stopped answering."""
+
+
 def show_tracebacks() -> bool:
     return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 

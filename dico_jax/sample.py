@@ -13,10 +13,10 @@ the parts are removed once OUT is written (`dico_jax.sampling.run`).
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 from absl import flags
+from etils import epath
 
 from configs import default as default_config
 from dico_jax import command, compilation_cache, errors, runtime, sampling
@@ -50,7 +50,7 @@ def main(argv):
     with errors.cli(TOOL, also=(OSError, ValueError, KeyError)):
         sampling.check_overrides(FLAGS["config"].override_values)
         for flag in ("workdir", "checkpoint", "vae_weights"):
-            if FLAGS[flag].value and not os.path.exists(FLAGS[flag].value):
+            if FLAGS[flag].value and not epath.Path(FLAGS[flag].value).exists():  # or gs://
                 raise errors.MissingFile(f"--{flag} {FLAGS[flag].value}: no such file or folder")
         runtime.start(orbax_level=logging.ERROR)
         source = sampling.load_source(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,

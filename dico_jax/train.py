@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dico_jax import builders, chips, run_lock
+from dico_jax import builders, chips, errors, run_lock, storage
 from dico_jax import compilation_cache, profiling
 from dico_jax import sharding as sharding_lib
 from dico_jax.errors import UserError
@@ -257,13 +257,15 @@ class _StepLog:
         self.last: dict[str, float] = {}
         self.losses_file = None
         if losses_path:
-            self.losses_file = open(losses_path, "a+")
-            self.losses_file.seek(0, os.SEEK_END)
-            if self.losses_file.tell():
-                # A run killed mid-line leaves a partial record; start on a fresh line.
-                self.losses_file.seek(self.losses_file.tell() - 1)
-                if self.losses_file.read(1) != "\n":
-                    self.losses_file.write("\n")
+            path = epath.Path(losses_path)
+            # A run killed mid-line leaves a partial record; start on a fresh line.
+            text = path.read_text() if path.exists() else ""
+            partial = bool(text) and not text.endswith("\n")
+            # On Cloud Storage each flush uploads the whole file again: a debugging aid only.
+            self._opened = path.open("a")
+            self.losses_file = self._opened.__enter__()
+            if partial:
+                self.losses_file.write("\n")
 
     def add(self, step: int, metrics: Metrics) -> None:
         self.pending.append((step, metrics))
@@ -294,7 +296,8 @@ class _StepLog:
 
     def close(self) -> None:
         if self.losses_file is not None:
-            self.losses_file.close()
+            self._opened.__exit__(None, None, None)
+            self.losses_file = None
 
 
 PARAMETERS_FILE = "parameters.txt"
@@ -344,6 +347,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Trains to `config.num_train_steps`, resuming from the latest checkpoint in `workdir`.
 
     Returns the final state (None for a run that was already finished: nothing is built).
+    A run on Cloud Storage rides out outages that the storage layers' retries cover; one that
+    lasts longer stops the run with `StorageUnavailable` naming the bucket (the checkpoints
+    already complete stay so, and the same command resumes from the newest).
+    """
+    try:
+        return _train_and_evaluate(config, workdir)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if not storage.is_remote(workdir) or (reason := storage.unreachable(workdir)) is None:
+            raise
+        raise errors.StorageUnavailable(
+            f"Cloud Storage bucket {storage.bucket(workdir)} cannot be reached ({reason}); the run "
+            "stopped after retrying. Rerun the same command once it answers: the run resumes "
+            "from its last complete checkpoint") from err
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
+    """The run under `train_and_evaluate`: checks, the workdir's run lock, then `_train`.
     Stops early, after saving, when SIGTERM arrives; raises
     `NonFiniteLossError` (without saving) at the first step whose loss or gradient is not finite.
     """
@@ -434,7 +456,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
     if is_chief:
         write_run_config(config, workdir, {
             "forward_flops_per_image": flops_per_image, "num_params": num_params,
-            "latent_shape": list(latent_shape), "data_dir": os.path.abspath(data_dir)})
+            "latent_shape": list(latent_shape), "data_dir": ckpt_lib.resolve_workdir(data_dir)})
     logging.info("mesh %s on %d devices (%s); %s: %d parameters, %.3g forward FLOPs per image",
                  dict(mesh.shape), mesh.size, jax.devices()[0].device_kind, config.model.name,
                  num_params, flops_per_image)
@@ -448,7 +470,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
         random_flip=config.data.random_flip, worker_count=config.data.worker_count)
     checkpointer = ckpt_lib.TrainCheckpointer(
         ckpt_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints,
-        keep_every=config.keep_every_steps)
+        keep_every=config.keep_every_steps, timeout_secs=config.checkpoint_timeout_secs)
     latest = checkpointer.latest_step()
     if latest is not None:
         ckpt_lib.check_same_model(checkpointer.saved_config(latest), config,

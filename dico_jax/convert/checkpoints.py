@@ -17,7 +17,7 @@ import numpy as np
 
 from dico_jax.convert.dico import (LEVELS, read_torch_file, select_state_dict, torch_to_flax,
                                    flax_to_torch, _strip_module_prefix)
-from dico_jax import builders
+from dico_jax import builders, storage
 from dico_jax.checkpoint import resolve_checkpoint_path
 from dico_jax.errors import UserError
 from dico_jax.models import MODEL_CONFIGS, MODEL_NAMES
@@ -218,7 +218,7 @@ def import_torch_checkpoint(src: str, out_dir: str, model_name: str | None = Non
     if not keep_non_finite:
         check_finite_weights({"params": params, "ema_params": ema_params}, src)
 
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = ckpt_lib.resolve_workdir(os.fspath(out_dir))
     existing = ckpt_lib.saved_steps(out_dir)
     if existing:
         raise FileExistsError(f"{out_dir} already holds checkpoints of steps {existing}; "
@@ -306,25 +306,19 @@ def export_torch_checkpoint(checkpoint: str, out: str, *, step: int | None = Non
         if use_ema:
             tensors["ema"] = flax_to_torch(state["ema_params"], model_name, **kwargs)
 
-    out = os.path.abspath(os.fspath(out))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = ckpt_lib.resolve_workdir(os.fspath(out))  # a local path or gs://...
     if safetensors:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         paths = safetensors_paths(out)
         files = []
         for which, state_dict in tensors.items():
             meta = {"model": model_name, "step": str(step), "weights": which}
-            _atomic(paths[which], lambda tmp, sd=state_dict, m=meta: save_file(sd, tmp, metadata=m))
+            storage.atomic_write(paths[which],
+                                 lambda f, sd=state_dict, m=meta: f.write(save(sd, metadata=m)))
             files.append(paths[which])
     else:
         obj = tensors if use_ema else tensors["model"]
-        _atomic(out, lambda tmp: torch.save(obj, tmp))
+        storage.atomic_write(out, lambda f: torch.save(obj, f))
         files = [out]
     return ExportReport(tuple(files), step, model_name, tuple(tensors))
-
-
-def _atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)

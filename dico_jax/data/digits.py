@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from etils import epath
 
 from dico_jax.data import records
 
@@ -37,7 +38,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def build_digits_dataset(out_dir: str | None = None, shard_size: int = 512) -> records.Manifest:
     """Writes the digits dataset to ``out_dir`` unless a valid one is already there."""
     out_dir = out_dir or default_digits_dir()
-    if os.path.exists(os.path.join(out_dir, records.MANIFEST_NAME)):
+    if epath.Path(out_dir, records.MANIFEST_NAME).exists():
         try:
             manifest = records.validate_dataset(out_dir)
             if manifest.count == NUM_EXAMPLES and manifest.latent_shape == LATENT_SHAPE:

@@ -11,6 +11,10 @@ from which the input pipeline draws a fresh sample). All integers are little-end
 
 The manifest (``manifest.json``) lists the shards with their record counts and byte sizes, so
 a missing or truncated shard is found before training starts.
+
+A dataset may live on Cloud Storage (``gs://``): files go through etils epath, and ArrayRecord's
+reader opens gs:// shards itself. Its writer cannot, so a gs:// shard is written into an
+anonymous in-memory file and uploaded whole (a Cloud Storage object appears only once complete).
 """
 from __future__ import annotations
 
@@ -23,10 +27,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import ml_dtypes
+from etils import epath
 import numpy as np
 from array_record.python import array_record_module
 
 from dico_jax import command, errors
+from dico_jax.storage import is_remote
 from dico_jax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -164,12 +170,40 @@ def decode_record(data: bytes, manifest: Manifest) -> tuple[np.ndarray, int]:
     return views.reshape(manifest.record_shape), label
 
 
+def _exists(path: str) -> bool:
+    return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def _size(path: str) -> int:
+    return epath.Path(path).stat().length if is_remote(path) else os.path.getsize(path)
+
+
+def _write_remote_shard(path: str, records: Iterable[bytes]) -> ShardInfo:
+    fd = os.memfd_create("shard")
+    try:
+        writer = array_record_module.ArrayRecordWriter(f"/proc/self/fd/{fd}", WRITER_OPTIONS)
+        count = 0
+        try:
+            for record in records:
+                writer.write(record)
+                count += 1
+        finally:
+            writer.close()
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+    epath.Path(path).write_bytes(data)
+    return ShardInfo(os.path.basename(path), count, len(data))
+
+
 def shard_name(prefix: str, index: int, num_shards: int) -> str:
     return f"{prefix}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
 
 
 def write_shard(path: str, records: Iterable[bytes]) -> ShardInfo:
     """Writes records to ``path`` atomically: a partial file never carries the final name."""
+    if is_remote(path):
+        return _write_remote_shard(path, records)
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
     count = 0
@@ -188,6 +222,9 @@ def write_shard(path: str, records: Iterable[bytes]) -> ShardInfo:
 
 def write_manifest(data_dir: str, manifest: Manifest) -> None:
     path = os.path.join(data_dir, MANIFEST_NAME)
+    if is_remote(path):  # an object is replaced whole
+        epath.Path(path).write_text(json.dumps(manifest.to_json(), indent=1))
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(manifest.to_json(), f, indent=1)
@@ -206,14 +243,13 @@ def _field(raw: dict, key: str, kind: type | tuple[type, ...], path: str):
 def read_manifest(data_dir: str) -> Manifest:
     """Reads and checks ``data_dir/manifest.json`` (fields only; see ``validate_dataset``)."""
     path = os.path.join(data_dir, MANIFEST_NAME)
-    if not os.path.exists(path):
+    if not _exists(path):
         raise errors.MissingFile(
             f"{path} does not exist; build a dataset with `python -m dico_jax.data.extract` "
             "or dico_jax.data.digits.build_digits_dataset"
         )
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        raw = json.loads(epath.Path(path).read_text())
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}: not valid JSON ({e})") from e
     version = _field(raw, "format_version", int, path)
@@ -266,9 +302,9 @@ def shard_paths(data_dir: str, manifest: Manifest) -> list[str]:
 
 def _check_shard(data_dir: str, manifest: Manifest, shard: ShardInfo, deep: bool) -> None:
     path = os.path.join(data_dir, shard.name)
-    if not os.path.exists(path):
+    if not _exists(path):
         raise DataFormatError(f"shard {path} listed in {MANIFEST_NAME} does not exist")
-    size = os.path.getsize(path)
+    size = _size(path)
     if size != shard.num_bytes:
         raise DataFormatError(
             f"shard {path} has {size} bytes but {MANIFEST_NAME} says {shard.num_bytes} (truncated or replaced?)"
@@ -347,7 +383,7 @@ def write_dataset(
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), found range [{labels.min()}, {labels.max()}]")
     dtype = next(n for n, (_, dt) in _DTYPES.items() if dt == views.dtype)
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     num_shards = max(1, -(-len(views) // shard_size))
     shards = []
     for k in range(num_shards):

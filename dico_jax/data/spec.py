@@ -9,8 +9,9 @@ config (`train.check_data_matches_config`); planning and sampling read this.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
+
+from etils import epath
 
 from dico_jax.data import digits, records
 
@@ -34,7 +35,7 @@ def from_manifest(manifest: records.Manifest) -> DataSpec:
 def manifest_dir(config: Mapping[str, Any]) -> str:
     """config.data.dir when it holds a dataset manifest, else ''."""
     data_dir = (config.get("data") or {}).get("dir") or ""
-    has_manifest = data_dir and os.path.isfile(os.path.join(data_dir, records.MANIFEST_NAME))
+    has_manifest = data_dir and epath.Path(data_dir, records.MANIFEST_NAME).is_file()
     return data_dir if has_manifest else ""
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 
 import flax.linen as nn
 import flax.serialization
@@ -16,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
+from dico_jax import storage
 from dico_jax.errors import UserError
 from dico_jax.data.digits import NUM_CLASSES, NUM_EXAMPLES, digits_arrays
 from dico_jax.evaluation import metrics
@@ -98,10 +99,9 @@ def digits_feature_params(cache_dir: str | None = None) -> dict:
         return _trained_params_in_memory()
     path = os.path.join(cache_dir, CACHE_NAME)
     template = _params_template()
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
         try:
-            with open(path, "rb") as f:
-                params = flax.serialization.from_bytes(template, f.read())
+            params = flax.serialization.from_bytes(template, epath.Path(path).read_bytes())
             if jax.tree_util.tree_all(
                 jax.tree_util.tree_map(lambda a, b: np.shape(a) == np.shape(b), params, template)
             ):
@@ -109,10 +109,7 @@ def digits_feature_params(cache_dir: str | None = None) -> dict:
         except (ValueError, KeyError, TypeError):
             pass  # an unreadable cache is retrained and replaced below
     params = _trained_params_in_memory()
-    os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, delete=False, suffix=".tmp") as f:
-        f.write(flax.serialization.to_bytes(params))
-    os.replace(f.name, path)
+    storage.atomic_write(path, lambda f: f.write(flax.serialization.to_bytes(params)))
     return params
 
 

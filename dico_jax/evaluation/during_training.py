@@ -25,6 +25,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dico_jax import storage
 from dico_jax.errors import MissingFile, UserError
 from dico_jax.progress import Progress
 from dico_jax.sampling import parts
@@ -246,7 +247,7 @@ def reference_cache(ref_path: str, variables: Any, workdir: str,
         if not stats:
             stats = dict(zip(("mu", "sigma"), metrics.feature_statistics(feats["pool"])))
             stats.update(zip(("mu_s", "sigma_s"), metrics.feature_statistics(feats["spatial"])))
-        _atomic_write(path, lambda f: np.savez(f, key=np.asarray(key), pool=feats["pool"],
+        storage.atomic_write(path, lambda f: np.savez(f, key=np.asarray(key), pool=feats["pool"],
                                                 **stats))
     parts.barrier("evaluation reference statistics")
     return cached()
@@ -353,21 +354,11 @@ class Evaluator:
         result = self.scorer.score(gathered, np.concatenate(labels)[:n])
         result.update(step=int(step), seconds=time.perf_counter() - t0, weights="ema",
                       **self.recorded_settings)
-        _atomic_write(epath.Path(result_path(self.workdir, step)),
+        storage.atomic_write(epath.Path(result_path(self.workdir, step)),
                       lambda f: f.write(json.dumps(result, indent=2, sort_keys=True).encode()))
         logging.info("evaluation of step %d done in %.1f s: %s", step, result["seconds"],
                      {k: round(float(result[k]), 4) for k in SCALARS if k in result})
         return result
-
-
-def _atomic_write(path: epath.Path, write) -> None:
-    """Writes through `write(file)` then renames (local or gs://): a reader never sees half
-    a file, and a run killed while writing leaves none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    with tmp.open("wb") as f:
-        write(f)
-    tmp.replace(path)
 
 
 def scalars(result: Mapping[str, Any] | None) -> dict[str, float]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from dico_jax import storage
 from dico_jax.evaluation import features as feature_io
 from dico_jax.evaluation import inception, metrics
 
@@ -103,9 +103,5 @@ def digits_file_metrics(samples_path: str, cache_dir: str | None = None) -> dict
 
 def write_json(path: str, payload: dict) -> None:
     """Writes JSON atomically, so an interrupted run never leaves a truncated file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(f.name, path)
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    storage.atomic_write(path, lambda f: f.write(text.encode()))

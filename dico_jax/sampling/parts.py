@@ -1,20 +1,27 @@
 """Resumable sampling on disk: each finished batch is a part file under `OUT.parts/`, next to
 the settings that made it; the processes of a multi-host run agree on what is done, and
-process 0 alone reads and writes the disk."""
+process 0 alone reads and writes the disk. OUT may be on Cloud Storage (gs://): files go
+through etils epath."""
 from __future__ import annotations
 
 import json
 import os
 
+import io
+
 import jax
 import numpy as np
+from etils import epath
+
+from dico_jax import storage
+from dico_jax.checkpoint import resolve_workdir
 
 _PART = "batch_{:05d}.npz"
 _RECORD = "settings.json"
 
 
 def parts_dir(out: str) -> str:
-    return f"{os.path.abspath(out)}.parts"
+    return f"{resolve_workdir(out)}.parts"
 
 
 def part_path(directory: str, b: int) -> str:
@@ -22,17 +29,14 @@ def part_path(directory: str, b: int) -> str:
 
 
 def atomic_savez(path: str, **arrays) -> None:
-    tmp = f"{path}.tmp.npz"  # np.savez appends .npz to other names
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    storage.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def check_or_write_record(directory: str, record: dict) -> None:
     """Writes `record` into a new parts folder, or checks it against the one found there."""
-    path = os.path.join(directory, _RECORD)
-    if os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f)
+    path = epath.Path(directory, _RECORD)
+    if path.is_file():
+        previous = json.loads(path.read_text())
         if previous != record:
             diff = {k: (previous.get(k), record.get(k)) for k in set(previous) | set(record)
                     if previous.get(k) != record.get(k)}
@@ -40,14 +44,12 @@ def check_or_write_record(directory: str, record: dict) -> None:
                 f"{directory} holds batches made with other settings ({diff}, as (then, now)); "
                 "rerun with the same settings, or delete that folder to start over")
         return
-    os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    text = json.dumps(record, indent=2, sort_keys=True)
+    storage.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def finished_batches(directory: str, num_batches: int) -> list[int]:
-    return [b for b in range(num_batches) if os.path.isfile(part_path(directory, b))]
+    return [b for b in range(num_batches) if epath.Path(part_path(directory, b)).is_file()]
 
 
 def write_part(directory: str, b: int, images: np.ndarray, labels: np.ndarray) -> None:
@@ -56,7 +58,7 @@ def write_part(directory: str, b: int, images: np.ndarray, labels: np.ndarray) -
 
 def read_part(directory: str, b: int, labels: np.ndarray, image_shape: tuple) -> np.ndarray:
     path = part_path(directory, b)
-    with np.load(path) as part:
+    with np.load(io.BytesIO(epath.Path(path).read_bytes())) as part:
         images, saved_labels = part["arr_0"], part["label"]
     if images.shape != (len(labels), *image_shape) or images.dtype != np.uint8:
         raise ValueError(f"{path} holds {images.dtype} {images.shape}, expected uint8 "
@@ -68,9 +70,10 @@ def read_part(directory: str, b: int, labels: np.ndarray, image_shape: tuple) ->
 
 def remove_parts(directory: str, num_batches: int) -> None:
     for b in range(num_batches):
-        os.remove(part_path(directory, b))
-    os.remove(os.path.join(directory, _RECORD))
-    os.rmdir(directory)
+        epath.Path(part_path(directory, b)).unlink()
+    epath.Path(directory, _RECORD).unlink()
+    if not storage.is_remote(directory):  # a bucket has no folders to remove
+        epath.Path(directory).rmdir()
 
 
 def agree(done: list[int], num_batches: int) -> list[int]:

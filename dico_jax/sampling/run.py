@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dico_jax.checkpoint import resolve_workdir
 from dico_jax.errors import UserError
 from dico_jax.progress import Progress
 from dico_jax.sampling import parts
@@ -151,7 +152,7 @@ def generate(source: Source, settings: Settings, out: str, *, vae_weights: str |
     if finished and chief:
         _assemble(directory, out, num_batches, settings, num_classes, image_shape, grid)
     parts.barrier("samples written")
-    return SampleReport(os.path.abspath(out) if finished else directory, finished,
+    return SampleReport(resolve_workdir(out) if finished else directory, finished,
                         settings.num_samples, settings.batch_size, image_shape, tuple(todo),
                         tuple(done), compile_secs, sample_secs)
 
@@ -202,8 +203,7 @@ def _assemble(directory: str, out: str, num_batches: int, settings: Settings, nu
         labels.append(expected)
     images = np.concatenate(images)[:settings.num_samples]
     labels = np.concatenate(labels)[:settings.num_samples]
-    out = os.path.abspath(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = resolve_workdir(out)
     parts.atomic_savez(out, arr_0=images, label=labels)
     if grid:
         # With a short list of labels (cycled), one column per list entry: a class per column.

@@ -8,6 +8,8 @@ import math
 import os
 from typing import Any, Mapping
 
+from etils import epath
+
 from dico_jax import checkpoint as ckpt_lib
 from dico_jax.data import spec as data_spec
 from dico_jax.diffusion import SAMPLERS
@@ -19,9 +21,8 @@ def image_space(config: Mapping[str, Any], workdir: str | None = None) -> data_s
     else from the workdir's config.json (the latent shape training recorded), else from the
     config alone (`dico_jax.data.spec`)."""
     run_record = os.path.join(workdir, "config.json") if workdir else ""
-    if not data_spec.manifest_dir(config) and run_record and os.path.isfile(run_record):
-        with open(run_record) as f:
-            shape = json.load(f).get("latent_shape")
+    if not data_spec.manifest_dir(config) and run_record and epath.Path(run_record).is_file():
+        shape = json.loads(epath.Path(run_record).read_text()).get("latent_shape")
         if shape:
             from dico_jax.models.vae import SD_VAE_SCALING_FACTOR
 
@@ -51,10 +52,10 @@ def load_source(*, workdir: str | None = None, checkpoint: str | None = None,
     if (workdir is None) == (checkpoint is None):
         raise ValueError("give exactly one of --workdir and --checkpoint")
     if workdir is not None:
-        if not os.path.isdir(workdir):
+        if not epath.Path(workdir).is_dir():
             raise FileNotFoundError(f"no training workdir {workdir}")
         directory = ckpt_lib.checkpoint_dir(workdir)
-        if not os.path.isdir(directory):
+        if not epath.Path(directory).is_dir():
             raise FileNotFoundError(f"{workdir} has no checkpoints/ folder: not a training workdir "
                                     "or no checkpoint saved yet")
     else:

@@ -117,12 +117,16 @@ def evaluate_run(workdir: str, overrides: dict, steps: list[int] | None = None,
 def main(argv):
     del argv  # checked by command.run
     with errors.cli(TOOL, also=(OSError, ValueError, KeyError)):
-        workdir = os.path.abspath(FLAGS.workdir)
+        from etils import epath
+
+        from dico_jax.checkpoint import resolve_workdir
+
+        workdir = resolve_workdir(FLAGS.workdir)  # local path or gs://...
         try:
             steps = [int(s) for s in FLAGS.steps] if FLAGS.steps else None
         except ValueError:
             raise errors.UserError(f"--steps {FLAGS.steps}: expected step numbers") from None
-        if not os.path.isdir(workdir):
+        if not epath.Path(workdir).is_dir():
             raise errors.MissingFile(f"--workdir {workdir}: no such folder")
         run_config({}, dict(FLAGS["config"].override_values))  # the overrides, checked
         runtime.start(orbax_level=logging.ERROR)

@@ -31,6 +31,7 @@ import sys
 from typing import Iterable, Sequence
 
 import numpy as np
+from etils import epath
 
 from dico_jax import errors
 from dico_jax.tools import paper_reference, scaling_eval
@@ -324,7 +325,7 @@ def _curve_order(curve: LossCurve):
 
 def write_loss_csv(path: str, curves: Iterable[LossCurve], window: int) -> int:
     rows = 0
-    with open(path, "w", newline="") as f:
+    with epath.Path(path).open("w") as f:
         writer = csv.writer(f)
         writer.writerow(["source", "label", "model", "resolution", "global_batch", "step",
                          "loss", f"loss_smoothed_ma{effective_window(window)}", "train_flops"])
@@ -342,7 +343,7 @@ def write_loss_csv(path: str, curves: Iterable[LossCurve], window: int) -> int:
 
 def write_fid_csv(path: str, points: Iterable[FidPoint]) -> int:
     rows = 0
-    with open(path, "w", newline="") as f:
+    with epath.Path(path).open("w") as f:
         writer = csv.writer(f)
         writer.writerow(["source", "label", "model", "resolution", "step", "fid",
                          "forward_gflops_per_image"])
@@ -480,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         evals.append(scaling_eval.RunEvals.read(run_dir, curve))
     curves.sort(key=_curve_order)
 
-    os.makedirs(args.out, exist_ok=True)
+    epath.Path(args.out).mkdir(parents=True, exist_ok=True)
     written = []
     plot_loss(os.path.join(args.out, "loss_vs_step.png"), curves, args.smooth, "step")
     written.append("loss_vs_step.png")

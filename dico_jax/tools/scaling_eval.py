@@ -15,6 +15,9 @@ import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
+
+from dico_jax import storage
 
 from dico_jax.tools import paper_reference
 
@@ -37,7 +40,7 @@ def save_log_plot(fig, ax, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    storage.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -90,7 +93,7 @@ def paper_models(runs: Sequence[RunEvals], official_models: Sequence[str] = ()) 
 
 def write_csv(path: str, runs: Sequence[RunEvals]) -> int:
     rows = 0
-    with open(path, "w", newline="") as f:
+    with epath.Path(path).open("w") as f:
         writer = csv.writer(f)
         writer.writerow(["label", "model", "resolution", "step", "train_flops", *METRICS])
         for run in runs:
@@ -143,7 +146,7 @@ def plot_metrics(path: str, runs: Sequence[RunEvals], models: Sequence[str]) -> 
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    storage.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return metrics
 
