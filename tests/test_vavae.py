@@ -95,3 +95,34 @@ def test_release_keys_and_shapes_convert(tmp_path):
     del loaded["decoder.up.4.attn.2.k.weight"]
     with pytest.raises(ValueError, match=r"1 missing keys.*\n  decoder\.up\.4\.attn\.2\.k\.weight \(512, 512, 1, 1\)"):
         vae_torch_to_flax(loaded, vae)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_release_converts_with_one_command_and_back(tmp_path, capsys):
+    """vae-from-torch on a random state dict with the release's names and shapes, then
+    vae-to-torch: the same tensors come back; --vae_weights reads the folder as a va-vae only."""
+    torch = pytest.importorskip("torch")
+    from dico_jax.convert.__main__ import main
+    from dico_jax.errors import UserError
+    from dico_jax.sampling.vae import load_vae
+    from tests.ldm_reference import AutoencoderKL
+
+    torch.manual_seed(1)
+    state = AutoencoderKL().state_dict()
+    src, folder, back = tmp_path / "vavae.pt", tmp_path / "vavae-f16d32", tmp_path / "back.pt"
+    torch.save({"state_dict": {**state, "loss.logvar": torch.zeros(())}}, src)
+    assert main(["vae-from-torch", "--vae", "va-vae", "--src", str(src), "--out", str(folder)]) == 0
+    assert "va-vae" in capsys.readouterr().out
+    module, params = load_vae(str(folder), kind="va-vae")
+    assert (module.latent_channels, module.downsample_factor, tuple(module.attention_levels)) == (32, 16, (4,))
+    with pytest.raises(UserError, match="holds a va-vae but the data are sd-vae latents"):
+        load_vae(str(folder), kind="sd-vae")
+
+    assert main(["vae-to-torch", "--src", str(folder), "--out", str(back)]) == 0
+    restored = torch.load(back, weights_only=True)
+    assert restored.keys() == state.keys()
+    for key in ("encoder.down.4.attn.0.q.weight", "decoder.up.1.block.0.nin_shortcut.weight", "quant_conv.bias"):
+        np.testing.assert_array_equal(restored[key].numpy(), state[key].numpy(), err_msg=key)
+    assert main(["vae-to-torch", "--src", str(tmp_path), "--out", str(back)]) == 2
+    assert "not a converted VAE folder" in capsys.readouterr().err

@@ -268,3 +268,44 @@ def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch.Tensor; numpy has no bfloat16, so widen first
         return value.detach().cpu().float().numpy()
     return np.asarray(value, dtype=np.float32)
+
+
+# The AutoencoderKL fields a converted folder records.
+ARCHITECTURE_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels",
+                       "layers_per_block", "norm_num_groups", "attention_levels", "scaling_factor")
+
+
+def import_vae(src: str, out: str, kind: str) -> str:
+    """PyTorch weights of a VAE of `kind` -> OUT/params.safetensors + OUT/vae.json, which
+    `--vae_weights OUT` reads; returns a one-line summary."""
+    from dico_jax.sampling import vae as vae_files
+
+    module, params = vae_files.load_vae(src, "float32", kind)
+    architecture = {f: getattr(module, f) for f in ARCHITECTURE_FIELDS}
+    vae_files.save_converted(out, params, kind, architecture)
+    count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
+    return f"wrote {kind} ({count:,} parameters, {module.latent_channels} latent channels) to {out}"
+
+
+def export_vae(src: str, out: str, naming: str) -> str:
+    """A `vae-from-torch` folder -> a PyTorch state dict file (.pt, or .safetensors by its
+    name) under `naming`; returns a one-line summary."""
+    from dico_jax.sampling import vae as vae_files
+
+    if not (os.path.isdir(src) and vae_files.is_converted(src)):
+        raise FileNotFoundError(f"{src} is not a converted VAE folder (no {vae_files.INFO_NAME} "
+                                f"and {vae_files.PARAMS_NAME}); write one with vae-from-torch")
+    kind, _, params = vae_files.load_converted(src)
+    state = vae_flax_to_torch(params, naming)
+    import torch
+
+    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(tensors, out + ".tmp")
+    else:
+        torch.save(tensors, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    return f"wrote {kind} as {len(state)} {naming}-named tensors to {out}"
