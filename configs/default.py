@@ -179,6 +179,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Diffusers AutoencoderKL weights (a file or folder) that decode a latent run's samples:
     # its training grids, and its evaluations unless `eval.vae_weights` names others.
     config.vae_weights = ""
+    # Which VAE the latents are of: "sd-vae" (latents x 0.18215) or "va-vae" (LightningDiT's
+    # f16d32, latents normalised per channel with the statistics in the dataset's manifest).
+    # Training refuses latents of the other kind.
+    config.vae = "sd-vae"
 
     # Evaluation during training (dico_jax.evaluation.during_training): every `every_steps`
     # (0: never; a multiple of checkpoint_every_steps) the EMA weights draw `num_samples`

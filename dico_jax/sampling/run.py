@@ -81,7 +81,7 @@ def generate(source: Source, settings: Settings, out: str, *, vae_weights: str |
     model = sampling_model(config, settings.dtype)
     vae_module, vae_params = None, {}
     if space.vae:
-        vae_module, vae_params = load_vae(vae_weights)
+        vae_module, vae_params = load_vae(vae_weights, kind=space.vae_kind)
         if vae_module.latent_channels != space.latent_shape[-1]:
             raise ValueError(f"--vae_weights {vae_weights} has {vae_module.latent_channels} latent "
                              f"channels; the model makes {space.latent_shape}")
