@@ -143,6 +143,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.flow.shift = 1.0
     config.diffusion.flow.train_eps = config_dict.placeholder(float)
     config.diffusion.flow.sample_eps = config_dict.placeholder(float)
+    # The samplers' own time shift (None: `shift`; LightningDiT shifts sampling only) and
+    # the weight of LightningDiT's velocity-direction loss 1 - cos(output, target) (0: off).
+    config.diffusion.flow.sample_shift = config_dict.placeholder(float)
+    config.diffusion.flow.cosine_weight = 0.0
 
     # Sampling: the FID protocol (250 ancestral steps, EMA weights, CFG on 3 eps channels);
     # the training-time grids use the same settings with `grid_per_class` images per class.

@@ -127,19 +127,3 @@ def test_release_converts_with_one_command_and_back(tmp_path, capsys):
     assert main(["vae-to-torch", "--src", str(tmp_path), "--out", str(back)]) == 2
     assert "not a converted VAE folder" in capsys.readouterr().err
 
-
-def test_lightningdit_preset_builds_the_table13_network():
-    from configs import lightningdit
-    from dico_jax import builders
-    from dico_jax.data import spec
-    from dico_jax.models import abstract_params, count_params
-
-    config = lightningdit.get_config()
-    assert spec.from_config(config).latent_shape == (16, 16, 32)
-    config.model.in_channels = config.model.out_channels = 32
-    config.model.num_classes = 1000
-    model = builders.build_model(config)
-    params = count_params(abstract_params(model, 16, 16))
-    assert abs(params / 679e6 - 1) < 0.001, params  # the paper's 679M
-    assert builders.build_flow(config).time_sampling == "logit_normal"
-    assert (config.adam_b2, config.learning_rate, config.global_batch_size) == (0.95, 2e-4, 1024)

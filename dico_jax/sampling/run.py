@@ -65,9 +65,10 @@ def generate(source: Source, settings: Settings, out: str, *, vae_weights: str |
     space = image_space(config, source.workdir)
     if space.vae and not vae_weights:
         raise ValueError(
-            f"the run's data are VAE latents ({space.latent_shape}); pass --vae_weights with the "
-            "diffusers AutoencoderKL weights (e.g. the sd-vae-ft-ema folder or its "
-            "diffusion_pytorch_model.safetensors)")
+            f"the run's data are {space.vae_kind} latents ({space.latent_shape}); pass "
+            "--vae_weights with that VAE's weights (the sd-vae-ft-ema folder or its "
+            "diffusion_pytorch_model.safetensors; for va-vae a vae-from-torch folder or the "
+            ".pt release)")
     if settings.num_samples < 1:
         raise ValueError(f"sampling.num_samples must be positive, got "
                          f"{settings.num_samples}")

@@ -232,7 +232,7 @@ def make_sample_fn(model: Any, settings: Settings, latent_shape: Sequence[int], 
     cfg_scale = float(settings.cfg_scale)
     flow = builders.build_flow(config)
     if entry.objective == "flow":
-        options = {"num_steps": int(settings.num_steps), "shift": flow.shift}
+        options = {"num_steps": int(settings.num_steps), "shift": flow.sampling_shift}
         if settings.sampler == "euler_maruyama":
             form, norm, last_step, last_size = settings.sde
             options.update(diffusion_form=form, diffusion_norm=norm, last_step=last_step,
