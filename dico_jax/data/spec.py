@@ -15,7 +15,6 @@ from typing import Any, Mapping
 from dico_jax.data import digits, records
 from dico_jax.errors import UserError
 
-SD_VAE_DOWNSAMPLE = 8
 # Downsampling factor and latent channels of each VAE kind.
 VAE_GEOMETRY = {"sd-vae": (8, 4), "va-vae": (16, 32)}
 
