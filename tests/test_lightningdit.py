@@ -32,6 +32,7 @@ def test_lightningdit_preset_builds_the_table13_network():
     assert flow.sampling_shift == pytest.approx(1 / 0.3)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_cosine_term_matches_torch_and_adds_to_the_loss():
     torch = pytest.importorskip("torch")
