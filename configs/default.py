@@ -150,6 +150,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.flow.shift = 1.0
     config.diffusion.flow.train_eps = config_dict.placeholder(float)
     config.diffusion.flow.sample_eps = config_dict.placeholder(float)
+    # The samplers' own time shift (None: `shift`; LightningDiT shifts sampling only) and
+    # the weight of LightningDiT's velocity-direction loss 1 - cos(output, target) (0: off).
+    config.diffusion.flow.sample_shift = config_dict.placeholder(float)
+    config.diffusion.flow.cosine_weight = 0.0
 
     # Sampling: the FID protocol (250 ancestral steps, EMA weights, CFG on 3 eps channels);
     # the training-time grids use the same settings with `grid_per_class` images per class.
@@ -187,6 +191,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Diffusers AutoencoderKL weights (a file or folder) that decode a latent run's samples:
     # its training grids, and its evaluations unless `eval.vae_weights` names others.
     config.vae_weights = ""
+    # Which VAE the latents are of: "sd-vae" (latents x 0.18215) or "va-vae" (LightningDiT's
+    # f16d32, latents normalised per channel with the statistics in the dataset's manifest).
+    # Training refuses latents of the other kind.
+    config.vae = "sd-vae"
 
     # Evaluation during training (dico_jax.evaluation.during_training): every `every_steps`
     # (0: never; a multiple of checkpoint_every_steps) the EMA weights draw `num_samples`

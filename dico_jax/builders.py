@@ -50,7 +50,10 @@ def build_flow(config: Mapping[str, Any]) -> FlowMatching:
                         time_sampling=f.get("time_sampling", "uniform"),
                         logit_mean=float(f.get("logit_mean", 0.0)),
                         logit_std=float(f.get("logit_std", 1.0)),
-                        shift=float(f.get("shift", 1.0)), **eps)
+                        shift=float(f.get("shift", 1.0)),
+                        sample_shift=(None if f.get("sample_shift") is None
+                                      else float(f["sample_shift"])),
+                        cosine_weight=float(f.get("cosine_weight", 0.0)), **eps)
 
 
 def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:

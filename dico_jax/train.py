@@ -180,8 +180,9 @@ def check_data_matches_config(config: ml_collections.ConfigDict, manifest: Any,
                               data_dir: str) -> None:
     from dico_jax.data import spec as data_spec
 
+    data_spec.check_vae_kind(config, manifest, data_dir)
     h, w, c = manifest.latent_shape
-    downsample = 1 if manifest.pixels else data_spec.SD_VAE_DOWNSAMPLE
+    downsample = 1 if manifest.pixels else data_spec.VAE_GEOMETRY[manifest.kind][0]
     if h * downsample != config.resolution or w * downsample != config.resolution:
         raise UserError(
             f"config.resolution={config.resolution} needs {config.resolution // downsample}^2 "
@@ -204,6 +205,11 @@ def resolve_config(config: ml_collections.ConfigDict, manifest: Any) -> ml_colle
         config.model.out_channels = 2 * c if config.diffusion.learn_sigma else c
     if config.model.num_classes is None:
         config.model.num_classes = manifest.num_classes
+    if manifest.latent_mean is not None:
+        # Saved with the run, so that sampling its checkpoints can undo the normalisation
+        # without the dataset.
+        config.data.latent_mean = list(manifest.latent_mean)
+        config.data.latent_std = list(manifest.latent_std)
     return config
 
 

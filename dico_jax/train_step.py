@@ -90,8 +90,11 @@ def step_draws(step_key: jax.Array, step: jax.Array, labels: jax.Array,
 
 def loss_terms(diffusion: GaussianDiffusion | FlowMatching) -> tuple[str, ...]:
     """The per-example terms besides "loss" that a step averages and reports: the DDPM
-    objective's "mse" and "vb" (its learned-variance bound), flow matching's "mse"."""
-    return ("mse",) if isinstance(diffusion, FlowMatching) else ("mse", "vb")
+    objective's "mse" and "vb" (its learned-variance bound), flow matching's "mse" (and
+    "cos", its velocity-direction term, when weighted)."""
+    if isinstance(diffusion, FlowMatching):
+        return ("mse", "cos") if diffusion.cosine_weight else ("mse",)
+    return ("mse", "vb")
 
 
 def _micro_batches(tree: Any, k: int) -> Any:

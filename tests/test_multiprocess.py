@@ -282,7 +282,7 @@ def _extract_job(source: str, out: str) -> None:
     extract.extract_latents(imagenet.FolderSource(source), out, encode_fn=_pool_encode,
                             params={"gain": jnp.float32(2.0)}, image_size=IMAGE_SIZE,
                             batch_size=8, shard_size=4, scale_factor=0.5, vae_name="pool8",
-                            show_progress=False)
+                            latent_stats=True, show_progress=False)
 
 
 def _dataset_files(out: Path) -> dict[str, bytes]:
@@ -309,6 +309,8 @@ def test_extract_across_two_processes_writes_the_one_process_dataset(tmp_path):
         assert result.returncode == 0, result.stdout[-6000:]
         datasets[n] = _dataset_files(out)
     assert "manifest.json" in datasets[1]
+    # The per-channel statistics, merged from the shards' markers, are the same bytes too.
+    assert json.loads(datasets[1]["manifest.json"])["latent_std"] is not None
     assert len([name for name in datasets[1] if name.endswith(".done.json")]) == 8
     assert datasets[2].keys() == datasets[1].keys()
     for name in datasets[1]:

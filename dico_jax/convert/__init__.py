@@ -9,7 +9,7 @@ from dico_jax.convert.dico import (flax_to_torch, key_map, load_torch_checkpoint
 
 def __getattr__(name):
     # The VAE converter pulls in the VAE module; import it only when asked for.
-    if name in ("vae_torch_to_flax", "load_vae_weights"):
+    if name in ("vae_torch_to_flax", "vae_flax_to_torch", "load_vae_weights"):
         from dico_jax.convert import vae
 
         return getattr(vae, name)
@@ -17,4 +17,4 @@ def __getattr__(name):
 
 
 __all__ = ["torch_to_flax", "flax_to_torch", "load_torch_checkpoint", "official_shapes",
-           "key_map", "vae_torch_to_flax", "load_vae_weights"]
+           "key_map", "vae_torch_to_flax", "vae_flax_to_torch", "load_vae_weights"]

@@ -3,12 +3,16 @@
     python -m dico_jax.convert from-torch --model DiCo-XL --src 0400000.pt --out ckpt/dico-xl
     python -m dico_jax.convert from-torch --config configs/digits.py --src digits.pt --out ckpt/digits
     python -m dico_jax.convert to-torch --checkpoint WORKDIR --out dico-xl.pt [--safetensors]
+    python -m dico_jax.convert vae-from-torch --vae va-vae \
+        --src vavae-imagenet256-f16d32-dinov2.pt --out vavae-f16d32
+    python -m dico_jax.convert vae-to-torch --src vavae-f16d32 --out vavae.pt [--naming ldm]
 
 from-torch writes an Orbax checkpoint `OUT/<step>/` (step from a file name like 0400000.pt,
 else 0) that `python -m dico_jax.sample --checkpoint OUT` reads; with `--config` (the run's
 config file, any resolution or dataset) the network and the saved config are that run's.
-to-torch writes
-{"model": ..., "ema": ...} under the official parameter names.
+to-torch writes {"model": ..., "ema": ...} under the official parameter names. vae-from-torch
+writes a VAE's Flax params and kind (OUT/params.safetensors, OUT/vae.json) that --vae_weights
+reads; vae-to-torch writes them back as a PyTorch state dict under LDM's or diffusers' names.
 """
 from __future__ import annotations
 
@@ -58,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="export the raw weights only (a bare state_dict)")
     exp.add_argument("--keep_non_finite", action="store_true",
                      help="export weights holding NaN or infinite values (refused by default)")
+
+    vae_in = commands.add_parser("vae-from-torch", help="VAE weights (PyTorch) -> Flax VAE folder")
+    vae_in.add_argument("--vae", required=True, choices=("sd-vae", "va-vae"), help="which VAE")
+    vae_in.add_argument("--src", required=True,
+                        help="diffusers file/folder, or an LDM checkpoint (.pt/.ckpt) such as "
+                             "vavae-imagenet256-f16d32-dinov2.pt")
+    vae_in.add_argument("--out", required=True, help="folder to write")
+
+    vae_out = commands.add_parser("vae-to-torch", help="Flax VAE folder -> PyTorch state dict")
+    vae_out.add_argument("--src", required=True, help="a vae-from-torch folder")
+    vae_out.add_argument("--out", required=True, help="output .pt (or .safetensors)")
+    vae_out.add_argument("--naming", choices=("ldm", "diffusers"), default="ldm",
+                         help="key names to write (ldm: the VA-VAE release's)")
     return parser
 
 
@@ -77,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     from dico_jax.convert import checkpoints
 
     try:
+        if args.command.startswith("vae-"):
+            from dico_jax.convert import vae
+
+            if args.command == "vae-from-torch":
+                print(vae.import_vae(args.src, args.out, args.vae))
+            else:
+                print(vae.export_vae(args.src, args.out, args.naming))
+            return 0
         if args.command == "from-torch":
             config = None
             if args.config and args.resolution:

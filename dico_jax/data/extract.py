@@ -8,6 +8,14 @@ flip. ``--storage sample`` (default, the official recipe) stores a posterior sam
 scale factor; ``--storage moments`` stores mean and log-variance so training draws a fresh
 sample each time it reads the record.
 
+``--vae sd-vae`` (default) is the Stable Diffusion VAE, its latents scaled by 0.18215;
+``--vae va-vae`` is LightningDiT's VA-VAE (f16d32), whose latents are stored unscaled and
+normalised per channel instead: the mean and standard deviation of each channel over the
+whole dataset (posterior samples of the unflipped images, as LightningDiT computes them in
+datasets/img_latent_dataset.py, there on 10,000 random images) go into the manifest, and the
+input pipeline applies them. Each shard's partial statistics are kept in its marker, so a
+resumed or multi-process extraction gets the same numbers.
+
 As process p of P (started from the environment, see ``dico_jax.runtime``) it encodes shards
 p, p + P, p + 2P, ... over its local devices, each example with its own noise key, so the
 dataset is the same for any number of processes; ``--out`` must be a directory every host sees. Each finished shard is renamed
@@ -42,6 +50,44 @@ SKIPPED_NAME = "skipped.txt"
 
 # (params, images NHWC float32 in [-1, 1]) -> (mean, logvar), both NHWC latents, unscaled.
 EncodeFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+class ChannelStats:
+    """Per-channel count, mean and sum of squared deviations, in float64, mergeable (Chan et
+    al.'s parallel update), so shards and processes combine exactly in any order."""
+
+    def __init__(self, channels: int, count: int = 0, mean=None, m2=None):
+        self.count = count
+        self.mean = np.zeros(channels) if mean is None else np.asarray(mean, np.float64)
+        self.m2 = np.zeros(channels) if m2 is None else np.asarray(m2, np.float64)
+
+    def update(self, latents: np.ndarray) -> None:
+        """Adds latents (..., C): every position counts once per channel."""
+        x = np.asarray(latents, np.float64).reshape(-1, self.mean.size)
+        if len(x):
+            mean = x.mean(axis=0)
+            self.merge(ChannelStats(self.mean.size, len(x), mean, ((x - mean) ** 2).sum(axis=0)))
+
+    def merge(self, other: "ChannelStats") -> None:
+        total = self.count + other.count
+        if other.count == 0:
+            return
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / total)
+        self.m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / total)
+        self.count = total
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and unbiased standard deviation (torch.std's default) of each channel."""
+        std = np.sqrt(self.m2 / max(self.count - 1, 1))
+        return tuple(float(v) for v in self.mean), tuple(float(v) for v in std)
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "ChannelStats":
+        return cls(len(raw["mean"]), int(raw["count"]), raw["mean"], raw["m2"])
 
 
 class ExtractionError(RuntimeError):
@@ -87,9 +133,10 @@ def make_encoder(
     seed: int,
     batch_size: int,
     image_size: int,
-) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], tuple[int, int, int]]:
-    """Returns (encode(images uint8 (B, S, S, 3), example ids (B,)) -> record arrays
-    (B, 2, parts, h, w, c), latent shape (h, w, c)). Batches are split over local devices."""
+) -> tuple[Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]], tuple[int, int, int]]:
+    """Returns (encode(images uint8 (B, S, S, 3), example ids (B,)) -> (record arrays
+    (B, 2, parts, h, w, c), unscaled float32 posterior samples of the unflipped images
+    (B, h, w, c)), latent shape (h, w, c)). Batches are split over local devices."""
     devices = np.array(jax.local_devices())
     if batch_size % devices.size:
         raise ValueError(f"--batch_size {batch_size} must be divisible by the {devices.size} local devices")
@@ -105,25 +152,28 @@ def make_encoder(
         mean, logvar = encode_fn(params, both)
         logvar = jnp.clip(logvar, *LOGVAR_RANGE)
         mean, logvar = (jnp.stack(jnp.split(a.astype(jnp.float32), 2), axis=1) for a in (mean, logvar))
+        # A key per example keeps samples identical across batch sizes and hosts.
+        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base_key, i), mean.shape[1:]))(ids)
+        sample = mean + jnp.exp(0.5 * logvar) * noise
         if storage == "moments":
             out = jnp.stack([mean, logvar], axis=2)
         else:
-            # A key per example keeps samples identical across batch sizes and hosts.
-            noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base_key, i), mean.shape[1:]))(ids)
-            out = ((mean + jnp.exp(0.5 * logvar) * noise) * scale_factor)[:, :, None]
-        return out.astype(out_dtype)
+            out = (sample * scale_factor)[:, :, None]
+        return out.astype(out_dtype), sample[:, 0]
 
-    jitted = jax.jit(encode, in_shardings=(None, batch_sharding, batch_sharding), out_shardings=batch_sharding)
+    jitted = jax.jit(encode, in_shardings=(None, batch_sharding, batch_sharding),
+                     out_shardings=(batch_sharding, batch_sharding))
     images_spec = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
     ids_spec = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-    out_shape = jax.eval_shape(encode, params, images_spec, ids_spec).shape
+    out_shape = jax.eval_shape(encode, params, images_spec, ids_spec)[0].shape
     latent_shape = tuple(int(d) for d in out_shape[3:])
 
-    def run(images: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def run(images: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Placed on this process's devices first: with several processes, jit accepts host
         # arrays only for replicated inputs.
         images, ids = jax.device_put((images, ids.astype(np.int32)), batch_sharding)
-        return np.asarray(jitted(params, images, ids))
+        out, sample = jitted(params, images, ids)
+        return np.asarray(out), np.asarray(sample)
 
     return run, latent_shape
 
@@ -155,9 +205,11 @@ def encode_shard_records(
     batch_size: int,
     pool: concurrent.futures.Executor,
     skipped: list[str],
+    stats: ChannelStats | None = None,
     progress=None,
 ) -> Iterator[bytes]:
-    """Serialized records of one shard, in source order; unreadable images go to ``skipped``."""
+    """Serialized records of one shard, in source order; unreadable images go to ``skipped``,
+    the unscaled samples of the unflipped images into ``stats``."""
     batches = _cropped_batches(source.examples(plan.start, plan.stop), image_size, batch_size, pool, plan.start)
     pending = next(batches, None)
     while pending is not None:
@@ -178,7 +230,10 @@ def encode_shard_records(
             pad = batch_size - real  # a full batch keeps one compiled shape
             image_batch = np.stack(images + [images[0]] * pad)
             id_batch = np.array(ids + [ids[0]] * pad)
-            out = encode(image_batch, id_batch)[:real]
+            out, sample = encode(image_batch, id_batch)
+            out = out[:real]
+            if stats is not None:
+                stats.update(sample[:real])
             for views, label in zip(out, labels):
                 if not 0 <= label < source.num_classes:
                     raise ExtractionError(f"{plan.name}: label {label} outside [0, {source.num_classes})")
@@ -187,13 +242,19 @@ def encode_shard_records(
             progress.update(len(batch))
 
 
-def encode_shard(source, plan: ShardPlan, out_dir: str, encode, **kwargs) -> dict:
-    """Writes one shard atomically, then its ``.done.json`` marker; returns the marker."""
+def encode_shard(source, plan: ShardPlan, out_dir: str, encode, *, channels: int | None = None,
+                 **kwargs) -> dict:
+    """Writes one shard atomically, then its ``.done.json`` marker (with the shard's latent
+    statistics when ``channels`` is given); returns the marker."""
     skipped: list[str] = []
+    stats = None if channels is None else ChannelStats(channels)
     info = records.write_shard(
-        os.path.join(out_dir, plan.name), encode_shard_records(source, plan, encode, skipped=skipped, **kwargs)
+        os.path.join(out_dir, plan.name),
+        encode_shard_records(source, plan, encode, skipped=skipped, stats=stats, **kwargs)
     )
     done = {"name": info.name, "count": info.count, "num_bytes": info.num_bytes, "skipped": skipped}
+    if stats is not None:
+        done["stats"] = stats.to_json()
     marker = os.path.join(out_dir, plan.name + DONE_SUFFIX)
     with open(marker + ".tmp", "w") as f:
         json.dump(done, f)
@@ -208,8 +269,11 @@ def finalize(
     expected_count: int,
     max_skipped: int,
     manifest_fields: dict,
+    latent_stats: bool = False,
 ) -> records.Manifest:
-    """Checks every shard is complete and the counts add up, then writes the manifest."""
+    """Checks every shard is complete and the counts add up, then writes the manifest (with
+    the dataset's per-channel latent mean and std combined from the shards' markers when
+    ``latent_stats``)."""
     dones = [read_done_marker(out_dir, p) for p in plans]
     missing = [p.name for p, d in zip(plans, dones) if d is None]
     if missing:
@@ -232,6 +296,19 @@ def finalize(
                 + ". Repair them and delete their shards' .done.json files to re-encode those shards, "
                 "or pass --max_skipped to accept the loss. No manifest was written."
             )
+    if latent_stats:
+        no_stats = [p.name for p, d in zip(plans, dones) if "stats" not in d]
+        if no_stats:
+            raise ExtractionError(
+                f"{len(no_stats)} shards in {out_dir} were encoded without latent statistics "
+                f"(first: {no_stats[:3]}); delete their .done.json files and rerun to re-encode them")
+        total = ChannelStats(manifest_fields["latent_shape"][-1])
+        for d in dones:
+            total.merge(ChannelStats.from_json(d["stats"]))
+        mean, std = total.mean_std()
+        if not all(np.isfinite(mean + std)) or min(std) <= 0:
+            raise ExtractionError(f"latent statistics of {out_dir} are degenerate: mean {mean}, std {std}")
+        manifest_fields = {**manifest_fields, "latent_mean": mean, "latent_std": std}
     manifest = records.Manifest(
         count=written,
         shards=tuple(records.ShardInfo(d["name"], d["count"], d["num_bytes"]) for d in dones),
@@ -253,6 +330,8 @@ def extract_latents(
     scale_factor: float = SD_VAE_SCALE_FACTOR,
     dtype: str = "float32",
     vae_name: str = "sd-vae-ft-ema",
+    vae_kind: str = "sd-vae",
+    latent_stats: bool = False,
     batch_size: int = 64,
     shard_size: int = 1024,
     expected_count: int | None = None,
@@ -263,7 +342,8 @@ def extract_latents(
     show_progress: bool = True,
 ) -> records.Manifest | None:
     """Encodes this process's shards of ``source``; process 0 then writes the manifest (the
-    other processes return None)."""
+    other processes return None). ``latent_stats`` adds the per-channel latent mean and std
+    (the VA-VAE's normalisation) to it."""
     if storage not in records.STORAGE_PARTS:
         raise ValueError(f"storage must be one of {sorted(records.STORAGE_PARTS)}, got {storage!r}")
     expected_count = source.expected_count if expected_count is None else expected_count
@@ -287,7 +367,8 @@ def extract_latents(
     with concurrent.futures.ThreadPoolExecutor(decode_threads or os.cpu_count() or 1) as pool:
         for plan in todo:
             done = encode_shard(
-                source, plan, out_dir, encode, image_size=image_size, batch_size=batch_size, pool=pool, progress=progress
+                source, plan, out_dir, encode, image_size=image_size, batch_size=batch_size, pool=pool,
+                progress=progress, channels=latent_shape[-1] if latent_stats else None,
             )
             if done["skipped"]:
                 logging.warning("%s: skipped %d unreadable images", plan.name, len(done["skipped"]))
@@ -304,6 +385,7 @@ def extract_latents(
         plans,
         expected_count=expected_count,
         max_skipped=max_skipped,
+        latent_stats=latent_stats,
         manifest_fields=dict(
             latent_shape=latent_shape,
             dtype=dtype,
@@ -312,18 +394,20 @@ def extract_latents(
             scale_factor=scale_factor,
             image_size=image_size,
             vae=vae_name,
+            vae_kind=vae_kind,
             views=2,
             source=source.name,
         ),
     )
 
 
-def sd_vae_encoder(weights_path: str, compute_dtype: str = "float32") -> tuple[EncodeFn, Any]:
-    """(encode_fn, params) of the Stable Diffusion AutoencoderKL from local diffusers weights
-    (a .safetensors / .bin file or a model folder), loaded as `dico_jax.sample` loads it."""
+def vae_encoder(weights_path: str, compute_dtype: str = "float32",
+                kind: str = "sd-vae") -> tuple[EncodeFn, Any]:
+    """(encode_fn, params) of the AutoencoderKL of `kind` from local weights (diffusers files,
+    an LDM checkpoint or a vae-from-torch folder), loaded as `dico_jax.sample` loads it."""
     from dico_jax.convert.vae import load_vae
 
-    vae, params = load_vae(weights_path, compute_dtype)
+    vae, params = load_vae(weights_path, compute_dtype, kind)
     # Encoding never touches the decoder; leaving it out saves device memory.
     params = {k: v for k, v in params.items() if not k.startswith(("decoder", "post_quant_conv"))}
 
@@ -339,7 +423,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="train", help="tfds split; also the shard file prefix")
     parser.add_argument("--tfds_data_dir", default=None, help="where tfds keeps the prepared imagenet2012")
     parser.add_argument("--image_size", type=int, default=256)
-    parser.add_argument("--vae_weights", required=True, help="diffusers AutoencoderKL .safetensors/.bin file or folder")
+    parser.add_argument("--vae", choices=["sd-vae", "va-vae"], default="sd-vae",
+                        help="sd-vae: latents x 0.18215; va-vae: LightningDiT's f16d32, latents "
+                             "normalised per channel with the dataset's statistics")
+    parser.add_argument("--vae_weights", required=True,
+                        help="diffusers AutoencoderKL .safetensors/.bin file or folder, an LDM "
+                             ".pt checkpoint, or a vae-from-torch folder")
     parser.add_argument("--vae_dtype", choices=["float32", "bfloat16"], default="float32", help="VAE compute dtype")
     parser.add_argument("--vae_name", default=None, help="recorded in the manifest (default: the weights' folder name)")
     parser.add_argument("--out", required=True)
@@ -383,13 +472,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("dico_jax.data.extract: tfds prepared")
-    encode_fn, params = sd_vae_encoder(args.vae_weights, args.vae_dtype)
+    encode_fn, params = vae_encoder(args.vae_weights, args.vae_dtype, args.vae)
+    va_vae = args.vae == "va-vae"
     weights = os.path.abspath(args.vae_weights)
     vae_name = args.vae_name or os.path.basename(weights if os.path.isdir(weights) else os.path.dirname(weights))
     try:
         manifest = extract_latents(
             source, args.out, encode_fn=encode_fn, params=params, image_size=args.image_size,
-            storage=args.storage, dtype=args.dtype, vae_name=vae_name, batch_size=args.batch_size,
+            storage=args.storage, dtype=args.dtype, vae_name=vae_name, vae_kind=args.vae,
+            scale_factor=1.0 if va_vae else SD_VAE_SCALE_FACTOR, latent_stats=va_vae,
+            batch_size=args.batch_size,
             shard_size=args.shard_size, expected_count=args.expected_count, max_skipped=args.max_skipped,
             seed=args.seed, prefix=args.split, decode_threads=args.decode_threads,
         )

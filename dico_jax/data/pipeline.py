@@ -28,7 +28,8 @@ class ReadLatentBatch(grain.transforms.RandomMap):
     """Reads a batch of record indices into {"latent": float32 (B, H, W, C), "label": int32 (B,)}.
 
     Each record contributes its image or flip view (at random unless ``random_flip`` is off);
-    from stored moments a fresh posterior sample is drawn and scaled, vectorized over the batch.
+    from stored moments a fresh posterior sample is drawn and scaled, vectorized over the batch;
+    latents with per-channel statistics in the manifest come out as (latent - mean) / std.
     """
 
     def __init__(self, data_dir: str, manifest: records.Manifest, random_flip: bool = True,
@@ -48,6 +49,10 @@ class ReadLatentBatch(grain.transforms.RandomMap):
         self._dtype = records.storage_dtype(manifest.dtype)
         self._part_size = int(np.prod(manifest.latent_shape))
         self._offsets = np.cumsum([0] + [s.count for s in manifest.shards])
+        self._stats = None
+        if manifest.latent_mean is not None:
+            self._stats = (np.asarray(manifest.latent_mean, np.float32),
+                           np.asarray(manifest.latent_std, np.float32))
 
     def _where(self, index: int) -> str:
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
@@ -91,6 +96,9 @@ class ReadLatentBatch(grain.transforms.RandomMap):
             latent *= np.float32(m.scale_factor)
         else:
             latent = out[0]
+        if self._stats is not None:
+            latent -= self._stats[0]
+            latent /= self._stats[1]
         return {"latent": latent, "label": labels}
 
 

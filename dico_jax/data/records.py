@@ -97,11 +97,24 @@ class Manifest:
     source: str = ""
     skipped: int = 0  # unreadable source images left out
     format_version: int = FORMAT_VERSION
+    # Which VAE architecture made the latents ("sd-vae", "va-vae"); older manifests lack it
+    # and hold SD-VAE latents.
+    vae_kind: str = ""
+    # Per-channel mean and standard deviation of the stored latents over the dataset (the
+    # VA-VAE's normalisation, LightningDiT datasets/img_latent_dataset.py): the input
+    # pipeline returns (latent - mean) / std. None: the latents are used as stored.
+    latent_mean: tuple[float, ...] | None = None
+    latent_std: tuple[float, ...] | None = None
 
     @property
     def pixels(self) -> bool:
         """The arrays are images in [-1, 1], not VAE latents (no `vae` named)."""
         return self.vae in ("", "none")
+
+    @property
+    def kind(self) -> str:
+        """The VAE kind of the latents; "" for pixels."""
+        return "" if self.pixels else (self.vae_kind or "sd-vae")
 
     @property
     def record_shape(self) -> tuple[int, ...]:
@@ -114,6 +127,8 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["latent_shape"] = list(self.latent_shape)
+        for name in ("latent_mean", "latent_std"):
+            out[name] = None if out[name] is None else [float(v) for v in out[name]]
         out["shards"] = [dataclasses.asdict(s) for s in self.shards]
         return out
 
@@ -240,6 +255,17 @@ def _field(raw: dict, key: str, kind: type | tuple[type, ...], path: str):
     return value
 
 
+def _channel_stats(raw: dict, key: str, channels: int, path: str) -> tuple[float, ...] | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != channels
+            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in value)):
+        raise DataFormatError(f"{path}: field {key!r} must list {channels} finite numbers (one "
+                              f"per latent channel), got {value!r}")
+    return tuple(float(v) for v in value)
+
+
 def read_manifest(data_dir: str) -> Manifest:
     """Reads and checks ``data_dir/manifest.json`` (fields only; see ``validate_dataset``)."""
     path = os.path.join(data_dir, MANIFEST_NAME)
@@ -285,7 +311,14 @@ def read_manifest(data_dir: str) -> Manifest:
         source=str(raw.get("source", "")),
         skipped=int(raw.get("skipped", 0)),
         format_version=version,
+        vae_kind=str(raw.get("vae_kind") or ""),
+        latent_mean=_channel_stats(raw, "latent_mean", shape[-1], path),
+        latent_std=_channel_stats(raw, "latent_std", shape[-1], path),
     )
+    if (manifest.latent_mean is None) != (manifest.latent_std is None):
+        raise DataFormatError(f"{path}: fields 'latent_mean' and 'latent_std' go together; one is missing")
+    if manifest.latent_std is not None and min(manifest.latent_std) <= 0:
+        raise DataFormatError(f"{path}: field 'latent_std' must be positive, got {list(manifest.latent_std)}")
     if manifest.num_classes < 1 or manifest.views < 1:
         raise DataFormatError(f"{path}: fields 'num_classes' and 'views' must be >= 1")
     if not shards:

@@ -36,8 +36,14 @@ time tau = 1 - t, tau' = shift tau / (1 + (shift - 1) tau), so shift > 1 moves t
 noise (SD3 uses 3 at 1024 px). In this module's t that is t' = t / (shift - (shift - 1) t).
 LightningDiT, whose time has data at 1 like SiT's, writes the same map with its own parameter
 1/shift (its 0.3 is shift = 1/0.3 here). The sampler time grid takes the same shift
-(`time_grid`), as both papers do. Finally, training times are mapped affinely onto
-[train_eps, 1 - train_eps].
+(`time_grid`) unless `sample_shift` gives its own: LightningDiT shifts only its sampler's
+grid (sample: timestep_shift), so its recipe is shift = 1, sample_shift = 1/0.3. Finally,
+training times are mapped affinely onto [train_eps, 1 - train_eps].
+
+LightningDiT's velocity-direction term: with `cosine_weight` w > 0 (velocity prediction only)
+the loss adds w (1 - cos(output, target)), the cosine taken over the channels at each
+position and averaged over positions (transport/transport.py, use_cosine_loss; it adds the
+term with weight 1).
 """
 from __future__ import annotations
 
@@ -95,6 +101,16 @@ def shift_time(t, shift: float):
     return t / (shift - (shift - 1.0) * t)
 
 
+def cosine_similarity(a, b, eps: float = 1e-8):
+    """Cosine of the angle between a and b along the last (channel) axis, as
+    torch.nn.functional.cosine_similarity computes it (each norm floored at eps). The floor is
+    taken under the square root so that the gradient stays finite at a zero vector (the
+    zero-initialised output layer's first outputs)."""
+    na = jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=-1), eps * eps))
+    nb = jnp.sqrt(jnp.maximum(jnp.sum(b * b, axis=-1), eps * eps))
+    return jnp.sum(a * b, axis=-1) / (na * nb)
+
+
 def _bcast(a, ndim: int):
     """A per-example (N,) coefficient shaped (N, 1, ..., 1); scalars pass through."""
     a = jnp.asarray(a, jnp.float32)
@@ -121,6 +137,8 @@ class FlowMatching:
     shift: float = 1.0
     train_eps: float | None = None
     sample_eps: float | None = None
+    sample_shift: float | None = None  # the sampler grid's shift; None: `shift`
+    cosine_weight: float = 0.0
 
     def __post_init__(self):
         _check("path", self.path, PATHS)
@@ -128,6 +146,11 @@ class FlowMatching:
         _check("time_sampling", self.time_sampling, TIME_SAMPLINGS)
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.sample_shift is not None and not self.sample_shift > 0:
+            raise ValueError(f"sample_shift must be > 0, got {self.sample_shift}")
+        if self.cosine_weight < 0 or (self.cosine_weight and self.prediction != "velocity"):
+            raise ValueError(f"cosine_weight must be >= 0 and needs velocity prediction, got "
+                             f"{self.cosine_weight} with {self.prediction!r}")
         if not self.logit_std > 0:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
         default = 0.0 if self.prediction == "velocity" else DEFAULT_EPS
@@ -137,6 +160,11 @@ class FlowMatching:
             if not 0.0 <= value < 0.5:
                 raise ValueError(f"{name} must lie in [0, 0.5), got {value}")
             object.__setattr__(self, name, value)
+
+    @property
+    def sampling_shift(self) -> float:
+        """The shift of the samplers' time grid."""
+        return self.shift if self.sample_shift is None else float(self.sample_shift)
 
     # -- the path ---------------------------------------------------------------------------
 
@@ -176,11 +204,14 @@ class FlowMatching:
         return self.train_eps + (1.0 - 2.0 * self.train_eps) * t
 
     def training_losses(self, model_fn: ModelFn, x_start, t, noise):
-        """{"loss", "mse"}, each (N,), from one call model_fn(x_t, model_time(t)).
+        """{"loss", "mse"} (and "cos" with `cosine_weight`), each (N,), from one call
+        model_fn(x_t, model_time(t)).
 
         "mse" is the mean squared error between the output and `target`. "loss" equals it for
         velocity and noise prediction; for score prediction it is SiT's unweighted score loss,
         mean (sigma_t output + noise)^2 = sigma_t^2 mse, which stays bounded as sigma_t -> 0.
+        With `cosine_weight` w, "cos" is 1 - cos(output, target) over the channels, averaged
+        over positions, and "loss" is mse + w cos.
         """
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {noise.shape} != x_start shape {x_start.shape}")
@@ -194,13 +225,17 @@ class FlowMatching:
                 f"(flow matching predicts the input channels, no learned variance)"
             )
         out = out.astype(jnp.float32)
-        mse = _mean_flat(jnp.square(out - self.target(x_start, noise, t)))
+        target = self.target(x_start, noise, t)
+        mse = _mean_flat(jnp.square(out - target))
         if self.prediction == "score":
             _, _, s, _ = self.coefficients(t, x_t.ndim)
             loss = _mean_flat(jnp.square(s * out + noise))
         else:
             loss = mse
-        return {"loss": loss, "mse": mse}
+        if not self.cosine_weight:
+            return {"loss": loss, "mse": mse}
+        cos = _mean_flat(1.0 - cosine_similarity(out, target))
+        return {"loss": loss + self.cosine_weight * cos, "mse": mse, "cos": cos}
 
     # -- conversions for the samplers -------------------------------------------------------
 

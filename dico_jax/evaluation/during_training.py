@@ -286,7 +286,7 @@ class Evaluator:
             if vae is None:
                 from dico_jax.convert.vae import load_vae
 
-                vae = load_vae(check_file(*files.popitem(), why), settings.dtype)
+                vae = load_vae(check_file(*files.popitem(), why), settings.dtype, space.vae_kind)
             vae_module, vae_params = vae
             if inception_variables is None:
                 from dico_jax.evaluation import inception

@@ -1,8 +1,13 @@
-"""The Stable Diffusion VAE (diffusers' AutoencoderKL) in Flax, NHWC.
+"""The KL autoencoders of latent diffusion in Flax, NHWC: the Stable Diffusion VAE and the
+VA-VAE of LightningDiT.
 
-Defaults are the `stabilityai/sd-vae-ft-ema` / `sd-vae-ft-mse` configuration. Parameter names
-mirror diffusers' module names (``down_blocks.0.resnets.1`` becomes ``down_blocks_0/resnets_1``)
-so that `dico_jax.convert.vae.vae_torch_to_flax` is a rename plus transposes.
+Both are the LDM AutoencoderKL (CompVis `ldm.modules.diffusionmodules.model`); they differ
+in widths, latent channels and where attention sits. Defaults are the
+`stabilityai/sd-vae-ft-ema` / `sd-vae-ft-mse` configuration; `va_vae()` builds the f16d32
+VA-VAE (`hustvl/LightningDiT`, tokenizer/autoencoder.py with tokenizer/configs/vavae_f16d32.yaml).
+Parameter names mirror diffusers' module names (``down_blocks.0.resnets.1`` becomes
+``down_blocks_0/resnets_1``) so that `dico_jax.convert.vae` is a rename plus transposes, from
+diffusers' names or from LDM's.
 """
 from __future__ import annotations
 
@@ -134,12 +139,14 @@ class MidBlock(nn.Module):
 
 
 class ResnetStage(nn.Module):
-    """Resnets at one resolution, then an optional 2x resample ("down" or "up")."""
+    """Resnets at one resolution, each followed by self-attention when ``attention`` (LDM's
+    attn_resolutions), then an optional 2x resample ("down" or "up")."""
 
     out_channels: int
     num_layers: int
     resample: str | None
     norm_num_groups: int
+    attention: bool = False
     dtype: Dtype = jnp.float32
     precision: Any = None
 
@@ -148,6 +155,8 @@ class ResnetStage(nn.Module):
         kw = dict(norm_num_groups=self.norm_num_groups, dtype=self.dtype, precision=self.precision)
         for j in range(self.num_layers):
             x = ResnetBlock(self.out_channels, name=f"resnets_{j}", **kw)(x)
+            if self.attention:
+                x = SpatialSelfAttention(name=f"attentions_{j}", **kw)(x)
         if self.resample == "down":
             x = Downsample(self.dtype, self.precision, name="downsamplers_0")(x)
         elif self.resample == "up":
@@ -162,6 +171,7 @@ class Encoder(nn.Module):
     block_out_channels: Sequence[int]
     layers_per_block: int
     norm_num_groups: int
+    attention_levels: Sequence[int] = ()
     dtype: Dtype = jnp.float32
     precision: Any = None
 
@@ -172,7 +182,7 @@ class Encoder(nn.Module):
         for i, channels in enumerate(self.block_out_channels):
             last = i == len(self.block_out_channels) - 1
             x = ResnetStage(channels, self.layers_per_block, None if last else "down",
-                            name=f"down_blocks_{i}", **kw)(x)
+                            attention=i in self.attention_levels, name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock(name="mid_block", **kw)(x)
         x = _group_norm(x, self.norm_num_groups, "conv_norm_out", self.dtype)
         return _conv(2 * self.latent_channels, 3, "conv_out", self.dtype, self.precision)(nn.silu(x))
@@ -185,6 +195,7 @@ class Decoder(nn.Module):
     block_out_channels: Sequence[int]
     layers_per_block: int
     norm_num_groups: int
+    attention_levels: Sequence[int] = ()
     dtype: Dtype = jnp.float32
     precision: Any = None
 
@@ -196,9 +207,10 @@ class Decoder(nn.Module):
         x = MidBlock(name="mid_block", **kw)(x)
         for i, channels in enumerate(widths):
             last = i == len(widths) - 1
+            level = len(widths) - 1 - i  # up block i works at the resolution of encoder level
             # The decoder has one more resnet per block than the encoder.
             x = ResnetStage(channels, self.layers_per_block + 1, None if last else "up",
-                            name=f"up_blocks_{i}", **kw)(x)
+                            attention=level in self.attention_levels, name=f"up_blocks_{i}", **kw)(x)
         x = _group_norm(x, self.norm_num_groups, "conv_norm_out", self.dtype)
         return _conv(self.out_channels, 3, "conv_out", self.dtype, self.precision)(nn.silu(x))
 
@@ -206,6 +218,9 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """The KL autoencoder of Stable Diffusion; images in [-1, 1], NHWC.
 
+    ``attention_levels`` are the encoder levels (indices into ``block_out_channels``; the
+    decoder's matching up blocks too) whose resnets are each followed by self-attention:
+    none in the SD VAE, the 16x16 level of a 256x256 input in the VA-VAE.
     ``dtype`` is the compute dtype (params stay float32, group norms and softmax run in float32);
     ``precision`` is passed to every conv and matmul (use ``jax.lax.Precision.HIGHEST`` for
     float32-exact results on TPU). Outputs of ``encode`` and ``decode`` are float32.
@@ -217,6 +232,7 @@ class AutoencoderKL(nn.Module):
     block_out_channels: Sequence[int] = (128, 256, 512, 512)
     layers_per_block: int = 2
     norm_num_groups: int = 32
+    attention_levels: Sequence[int] = ()
     scaling_factor: float = SD_VAE_SCALING_FACTOR
     dtype: Dtype = jnp.float32
     precision: Any = None
@@ -230,6 +246,7 @@ class AutoencoderKL(nn.Module):
             block_out_channels=tuple(self.block_out_channels),
             layers_per_block=self.layers_per_block,
             norm_num_groups=self.norm_num_groups,
+            attention_levels=tuple(self.attention_levels),
             dtype=self.dtype,
             precision=self.precision,
         )
@@ -261,6 +278,36 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"{name} must be (N, H, W, {channels}) NHWC, got shape {tuple(x.shape)}")
         if x.shape[1] % multiple or x.shape[2] % multiple:
             raise ValueError(f"{name} height and width must be multiples of {multiple}, got {tuple(x.shape)}")
+
+
+# The VA-VAE f16d32 (LightningDiT tokenizer/autoencoder.py, tokenizer/configs/vavae_f16d32.yaml
+# ddconfig): ch 128, ch_mult (1, 1, 2, 2, 4), num_res_blocks 2, attn_resolutions [16] at
+# resolution 256 (the fifth level), z_channels = embed_dim = 32, double_z. Its latents are
+# normalised per channel with dataset statistics instead of one scale (scaling_factor 1).
+VA_VAE_ARCHITECTURE = dict(
+    latent_channels=32,
+    block_out_channels=(128, 128, 256, 256, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    attention_levels=(4,),
+    scaling_factor=1.0,
+)
+# The kinds of VAE a latent dataset or a config names (`config.vae`, the manifest's vae_kind).
+VAE_KINDS = ("sd-vae", "va-vae")
+
+
+def va_vae(**overrides) -> AutoencoderKL:
+    """The f16d32 VA-VAE; ``overrides`` change fields (small widths for tests, dtype...)."""
+    return AutoencoderKL(**{**VA_VAE_ARCHITECTURE, **overrides})
+
+
+def vae_for_kind(kind: str, **overrides) -> AutoencoderKL:
+    """The AutoencoderKL of a VAE kind ("sd-vae" or "va-vae")."""
+    if kind == "va-vae":
+        return va_vae(**overrides)
+    if kind == "sd-vae":
+        return AutoencoderKL(**overrides)
+    raise ValueError(f"unknown VAE kind {kind!r}; valid: {', '.join(VAE_KINDS)}")
 
 
 def sample_latents(mean, logvar, rng, scale_factor: float = SD_VAE_SCALING_FACTOR):

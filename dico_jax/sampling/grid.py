@@ -170,7 +170,7 @@ class TrainingGrid:
         if space.vae and module is None:
             raise ValueError("a grid of latents needs a VAE to decode them")
         self.vae_params = None if params is None else jax.device_put(params, replicated)
-        scale = space.scale_factor
+        scale = space  # decode undoes its normalisation and scale
 
         @functools.partial(jax.jit, out_shardings=replicated)
         def pixels(params, vae_params, key):
@@ -190,7 +190,7 @@ class TrainingGrid:
         if space.vae:
             from dico_jax.convert.vae import load_vae
 
-            vae = load_vae(config.vae_weights, str(config.get("dtype", "float32")))
+            vae = load_vae(config.vae_weights, str(config.get("dtype", "float32")), space.vae_kind)
         return cls(model, config, space, mesh, vae)
 
     def write(self, params: Any, workdir: str, step: int) -> str:

@@ -77,9 +77,10 @@ def generate(source: Source, settings: Settings, out: str, *, vae_weights: str |
             f"({space.latent_shape}), not VAE latents, so it uses no VAE; drop --vae_weights")
     if space.vae and not vae_weights:
         raise ValueError(
-            f"the run's data are VAE latents ({space.latent_shape}); pass --vae_weights with the "
-            "diffusers AutoencoderKL weights (e.g. the sd-vae-ft-ema folder or its "
-            "diffusion_pytorch_model.safetensors)")
+            f"the run's data are {space.vae_kind} latents ({space.latent_shape}); pass "
+            "--vae_weights with that VAE's weights (the sd-vae-ft-ema folder or its "
+            "diffusion_pytorch_model.safetensors; for va-vae a vae-from-torch folder or the "
+            ".pt release)")
     if settings.num_samples < 1:
         raise ValueError(f"sampling.num_samples must be positive, got "
                          f"{settings.num_samples}")
@@ -93,7 +94,7 @@ def generate(source: Source, settings: Settings, out: str, *, vae_weights: str |
     model = sampling_model(config, settings.dtype)
     vae_module, vae_params = None, {}
     if space.vae:
-        vae_module, vae_params = load_vae(vae_weights)
+        vae_module, vae_params = load_vae(vae_weights, kind=space.vae_kind)
         if vae_module.latent_channels != space.latent_shape[-1]:
             raise ValueError(f"--vae_weights {vae_weights} has {vae_module.latent_channels} latent "
                              f"channels; the model makes {space.latent_shape}")

@@ -223,11 +223,13 @@ def to_uint8(images):
 
 
 def decode(x: jax.Array, vae: Any = None, vae_params: Any = None,
-           scale_factor: float = 1.0) -> jax.Array:
-    """Samples as images: VAE-decoded from latents / scale_factor when `vae` is given."""
+           scale_factor: Any = 1.0) -> jax.Array:
+    """Samples as images: VAE-decoded when `vae` is given, from latents / scale_factor, or
+    from `scale_factor.to_vae_latents(x)` when it is a DataSpec (per-channel statistics)."""
     if vae is None:
         return x
-    return vae.apply({"params": vae_params}, x / scale_factor, method=vae.decode)
+    z = scale_factor.to_vae_latents(x) if hasattr(scale_factor, "to_vae_latents") else x / scale_factor
+    return vae.apply({"params": vae_params}, z, method=vae.decode)
 
 
 def to_uint8_images(x: jax.Array, vae: Any = None, vae_params: Any = None,
@@ -259,7 +261,7 @@ def make_sample_fn(model: Any, settings: Settings, latent_shape: Sequence[int], 
     cfg_scale = float(settings.cfg_scale)
     flow = builders.build_flow(config)
     if entry.objective == "flow":
-        options = {"num_steps": int(settings.num_steps), "shift": flow.shift}
+        options = {"num_steps": int(settings.num_steps), "shift": flow.sampling_shift}
         if settings.sampler == "euler_maruyama":
             form, norm, last_step, last_size = settings.sde
             options.update(diffusion_form=form, diffusion_norm=norm, last_step=last_step,
@@ -321,7 +323,7 @@ def make_sampler(model: Any, settings: Settings, space: data_spec.DataSpec,
 
     def sample(params, vae_params, labels, seed, batch_index):
         x = draw(params, labels, batch_key(seed, batch_index))
-        x = decode(x, vae if space.vae else None, vae_params, space.scale_factor)
+        x = decode(x, vae if space.vae else None, vae_params, space)
         return to_uint8(x), jnp.isfinite(x).all(axis=tuple(range(1, x.ndim)))
 
     return jax.jit(sample, in_shardings=(replicated, replicated, batch, replicated, replicated),

@@ -26,11 +26,14 @@ def image_space(config: Mapping[str, Any], workdir: str | None = None) -> data_s
         if shape:
             from dico_jax.models.vae import SD_VAE_SCALING_FACTOR
 
-            # Training checks that the latents are 1/8 of the resolution (VAE) or equal (pixels).
+            # Training checks that the latents are a fixed fraction of the resolution (VAE)
+            # or equal (pixels).
             vae = int(shape[0]) != int(config["resolution"])
+            kind = config.get("vae") or "sd-vae"
+            scale = (SD_VAE_SCALING_FACTOR if kind == "sd-vae" else 1.0) if vae else 1.0
             return data_spec.DataSpec(tuple(int(d) for d in shape),
-                                      int(config["model"]["num_classes"]), vae,
-                                      SD_VAE_SCALING_FACTOR if vae else 1.0)
+                                      int(config["model"]["num_classes"]), vae, scale, kind,
+                                      *data_spec.saved_stats(config))
     return data_spec.from_config(config)
 
 
