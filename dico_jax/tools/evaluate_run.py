@@ -15,7 +15,6 @@ redoes the results of the chosen steps. The results also go to the run's TensorB
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 from absl import flags
