@@ -110,7 +110,7 @@ class Pod:
     def _pump(self, index: int, proc: subprocess.Popen) -> None:
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\n")
-            if GLOO_CHATTER.match(line):
+            if GLOO_CHATTER.search(line):  # two processes can interleave within a line
                 continue
             with self.lock:
                 self.out.write(f"[{index}] {line}\n")
