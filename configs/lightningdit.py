@@ -18,6 +18,7 @@ from configs import default
 # ImageNet-1k train images; 800 epochs at batch 1024 (DiCo paper, Table 13: 800 epochs).
 IMAGENET_TRAIN = 1_281_167
 EPOCHS = 800
+PRESETS = ("",)
 
 
 def get_config(arg: str | None = None):

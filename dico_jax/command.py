@@ -295,6 +295,23 @@ class ArgumentParser(argparse.ArgumentParser):
             names = tuple(_aliases(names))
         return super().add_argument(*names, **kwargs)
 
+    def _aliased(self, group):
+        original = group.add_argument
+
+        def add_argument(*names, **kwargs):
+            if names and all(n.startswith("-") for n in names):
+                names = tuple(_aliases(names))
+            return original(*names, **kwargs)
+
+        group.add_argument = add_argument
+        return group
+
+    def add_argument_group(self, *args, **kwargs):
+        return self._aliased(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return self._aliased(super().add_mutually_exclusive_group(**kwargs))
+
     def add_subparsers(self, **kwargs):
         kwargs.setdefault("parser_class", type(self))
         subparsers = super().add_subparsers(**kwargs)

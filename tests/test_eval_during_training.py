@@ -142,7 +142,7 @@ def test_scaling_draws_the_digits_curve(digits_run, tmp_path, capsys):
     from dico_jax.tools import scaling
 
     out = str(tmp_path / "plots")
-    assert scaling.main(["--runs", digits_run, "--no-official", "--out", out]) == 0
+    assert scaling.main(["--runs", digits_run, "--no_official", "--out", out]) == 0
     for name in ("eval_vs_step.png", "fid_vs_train_flops.png", "eval.csv"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "eval.csv")) as f:

@@ -26,7 +26,7 @@ def small_config():
 @pytest.mark.slow
 def test_plan_splits_the_state_over_fsdp_and_adds_up_memory():
     row = plan.plan_train_step(small_config(), jax.devices())
-    assert row["chips"] == 8 and row["mesh"] == {"data": 1, "fsdp": 8}
+    assert row["chips"] == 8 and row["mesh"] == {"slice": 1, "data": 1, "fsdp": 8}
     assert row["batch_per_chip"] == 2 and row["resolution"] == 8
     # Params, EMA and two AdamW moments in fp32, plus the step counters.
     assert 16 * row["params"] <= row["state_bytes"] < 16 * row["params"] + 1024
@@ -105,7 +105,7 @@ def test_plan_cli_prints_the_table_and_writes_json(tmp_path):
     assert "target: 4 x cpu" in proc.stdout and "img/s <=" in proc.stdout
     rows = json.loads(out.read_text())
     assert [r["remat"] for r in rows] == ["none", "full"]
-    assert all(r["mesh"] == {"data": 2, "fsdp": 2} and r["batch_per_chip"] == 16 for r in rows)
+    assert all(r["mesh"] == {"slice": 1, "data": 2, "fsdp": 2} and r["batch_per_chip"] == 16 for r in rows)
     # depthwise_impl="auto" is resolved for the target (here a CPU: the shifted form).
     assert all(r["depthwise"] == "shift" for r in rows) and " scan/shift " in proc.stdout
     # Rematerializing every block keeps fewer activations for the backward pass, and runs

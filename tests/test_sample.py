@@ -196,7 +196,7 @@ def test_bad_input_errors(workdir, tmp_path):
         sample_lib.generate(source, settings(), str(tmp_path / "x.npz"), vae_weights="vae/")
     # The same weights under an ImageNet-latent config: the VAE is needed.
     source.config = {**source.config, "data": {"dir": "", "builtin": ""}, "resolution": 64}
-    with pytest.raises(ValueError, match="VAE latents .*--vae_weights"):
+    with pytest.raises(ValueError, match="latents .*pass --vae_weights"):
         sample_lib.generate(source, settings(), str(tmp_path / "x.npz"))
 
 

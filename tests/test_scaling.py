@@ -254,7 +254,7 @@ def test_cli_ours_over_the_official(our_run, tmp_path, capsys):
 
 def test_cli_either_source_alone(our_run, tmp_path):
     only_ours = tmp_path / "ours"
-    assert scaling.main(["--runs", str(our_run), "--no-official", "--out", str(only_ours)]) == 0
+    assert scaling.main(["--runs", str(our_run), "--no_official", "--out", str(only_ours)]) == 0
     assert {r["source"] for r in _csv_rows(only_ours / "loss_curves.csv")} == {"ours"}
     assert [r["source"] for r in _csv_rows(only_ours / "fid.csv")] == ["ours", "ours"]
     _assert_png(only_ours / "loss_vs_step.png")
@@ -300,7 +300,7 @@ def test_cli_ours_against_table8_at_matched_steps(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--no-official"], "nothing to plot"),
+    (["--no_official"], "nothing to plot"),
     (["--runs", "a", "b", "--label", "x"], "--label has 1 names for 2 --runs"),
     (["--smooth", "0"], "--smooth must be >= 1"),
 ])

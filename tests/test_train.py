@@ -175,7 +175,7 @@ def test_param_partition_rule():
     assert spec((832,), 4, 10_000) == jax.sharding.PartitionSpec()  # small: replicated
     assert spec((7, 9), 2, 1) == jax.sharding.PartitionSpec()  # indivisible: replicated
     assert spec((64, 64), 1, 1) == jax.sharding.PartitionSpec()  # no fsdp axis
-    assert sharding_lib.resolve_axis_sizes({"data": -1, "fsdp": 2}, 8) == {"data": 4, "fsdp": 2}
+    assert sharding_lib.resolve_axis_sizes({"data": -1, "fsdp": 2}, 8) == {"slice": 1, "data": 4, "fsdp": 2}
     with pytest.raises(ValueError, match="needs 6 devices"):
         sharding_lib.resolve_axis_sizes({"data": 3, "fsdp": 2}, 8)
 

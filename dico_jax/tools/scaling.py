@@ -1,7 +1,7 @@
 """Scaling curves: training loss against steps and compute, FID against model FLOPs.
 
-    python -m dico_jax.tools.scaling [--runs DIR ...] [--official DIR | --no-official] \
-        --out DIR [--smooth N] [--label NAME ...]
+    python -m dico_jax.tools.scaling --out DIR [--runs DIR ...] [--label NAME ...]
+        [--official DIR | --no_official] [--smooth N]
 
 Sources:
 - our runs (local or gs:// directories): TensorBoard event files written by the trainer
@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from etils import epath
 
-from dico_jax import errors
+from dico_jax import command, errors
 from dico_jax.tools import paper_reference, scaling_eval
 from dico_jax.tools.scaling_eval import save_log_plot
 
@@ -433,8 +433,8 @@ def plot_fid(path: str, points: Sequence[FidPoint]) -> None:
 # ------------------------------------------------------------------------------ CLI
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dico_jax.tools.scaling", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command.ArgumentParser("dico_jax.tools.scaling", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="*", default=[], metavar="DIR",
                         help="our run directories (TensorBoard logs, config.json, eval/*.json)")
     parser.add_argument("--label", nargs="*", default=[], metavar="NAME",
@@ -442,7 +442,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     official = parser.add_mutually_exclusive_group()
     official.add_argument("--official", default=OFFICIAL_LOGS_DIR, metavar="DIR",
                           help="directory of official dico-*.csv logs (default: shipped copy)")
-    official.add_argument("--no-official", action="store_true", help="plot our runs only")
+    official.add_argument("--no_official", action="store_true", help="plot our runs only")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--smooth", type=int, default=51, metavar="N",
                         help="centered moving-average window in logged points; an even N "
@@ -454,7 +454,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.label and len(args.label) != len(args.runs):
         parser.error(f"--label has {len(args.label)} names for {len(args.runs)} --runs")
     if args.no_official and not args.runs:
-        parser.error("nothing to plot: --no-official without --runs")
+        parser.error("nothing to plot: --no_official without --runs")
     return args
 
 
