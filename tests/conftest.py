@@ -98,3 +98,18 @@ def gcs(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# The test files that take longest (several trained runs each), started first so that the
+# workers of a parallel run finish together instead of one waiting on the last long file.
+LONGEST_FIRST = ("test_multiprocess.py", "test_gcs.py", "test_train.py",
+                 "test_eval_during_training.py", "test_flow_training.py", "test_plan.py",
+                 "test_docs_commands.py", "test_forward_mode.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside each file is kept

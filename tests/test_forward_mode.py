@@ -120,9 +120,10 @@ def test_model_jvp_matches_plain_jnp_network(variant, plain_layers):
 
 
 @pytest.mark.slow
-def test_gradient_of_a_jvp_loss_matches_finite_differences(plain_layers):
+def test_gradient_of_a_jvp_loss_matches_finite_differences():
     """A loss of the network's JVP (as MeanFlow's target is): its gradient against central
-    differences along a random direction, and against the plain network's gradient."""
+    differences along a random direction (the layers' rules against plain jnp are checked one
+    by one above)."""
     model = get_model("DiCo-S", **TINY, depthwise_impl="shift")
     params = random_params(model, std=0.2)
     x, t, y = _inputs(n=2)
@@ -144,10 +145,6 @@ def test_gradient_of_a_jvp_loss_matches_finite_differences(plain_layers):
     analytic = sum(float(jnp.vdot(g, d)) for g, d in
                    zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
     assert abs(fd - analytic) <= 1e-2 * abs(analytic) + 1e-5, (fd, analytic)
-    with plain_layers():
-        want = jax.jit(jax.grad(loss))(params)
-    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want)):
-        assert _rel_err(a, b) < 1e-4
 
 
 @pytest.mark.long  # minutes; test_meanflow checks the objective on a point mass

@@ -99,37 +99,6 @@ def test_gs_run_keeps_everything_in_the_bucket(gcs, gs_run):
     assert sorted(read_losses(gs_run["workdir"])) == list(range(1, NUM_STEPS + 1))
 
 
-@pytest.mark.slow
-def test_sigkill_on_gs_then_restart_is_bit_identical(gcs, gs_run, compilation_cache, tmp_path):
-    workdir = f"gs://{BUCKET}/killed"
-    # The dataset the first run built, read from the bucket as config.data.dir.
-    cmd = command(workdir, **{"data.dir": f"{gs_run['workdir']}/digits"})
-    env = environment(gcs, compilation_cache, tmp_path / "tmp")
-    log_path = tmp_path / "killed.txt"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=log)
-        start = time.time()
-        while "killed/checkpoints/4/commit_success.txt" not in gcs.objects(BUCKET, "killed/"):
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.time() - start < 300, "no checkpoint within 300 s"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert max(read_losses(workdir)) < NUM_STEPS, "the run finished before it could be killed"
-
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from the checkpoint of step" in done.stderr
-    reference = read_losses(gs_run["workdir"])
-    for step, values in read_losses(workdir).items():
-        assert values == reference[step] * len(values), step
-    ours, step = ckpt_lib.restore_to_host(f"{workdir}/checkpoints")
-    theirs, _ = ckpt_lib.restore_to_host(f"{gs_run['workdir']}/checkpoints", step)
-    assert step == NUM_STEPS
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-
-
 def wait_for_object(gcs, name, proc, log_path, timeout=300):
     start = time.time()
     while name not in gcs.objects(BUCKET, name.split("/")[0] + "/"):
@@ -217,34 +186,51 @@ def test_tools_read_and_write_gs(gcs, gs_run, tmp_path, monkeypatch):
     assert local_files(tmp_path) == []
 
 
-@pytest.mark.long
-@pytest.mark.parametrize("sig,seen", [(signal.SIGKILL, 1), (signal.SIGKILL, 12),
-                                      (signal.SIGTERM, 1)])
-def test_kill_during_an_async_save_to_gs_resumes_from_a_complete_checkpoint(
-        gcs, gs_run, compilation_cache, tmp_path, sig, seen):
-    """Killed once `seen` objects of the step-8 checkpoint are in the bucket (the save under
-    way; 8 is not the last step): the restart resumes from a complete checkpoint and ends bit-identical."""
-    workdir = f"gs://{BUCKET}/kill-{sig.name}-{seen}"
+def objects_of_step(gcs, name, step):
+    return len(gcs.objects(BUCKET, f"{name}/checkpoints/{step}/"))
+
+
+@pytest.mark.slow
+def test_killed_at_several_moments_of_saves_to_gs_resumes_bit_identically(
+        gcs, gs_run, compilation_cache, tmp_path):
+    """One run on the bucket, stopped three times while an asynchronous checkpoint is being
+    written (its first object in the bucket, then well into it), by SIGKILL and by SIGTERM, and
+    restarted each time: every restart resumes from a complete checkpoint, never the partial
+    one, and the run ends bit-identical to the uninterrupted one."""
+    workdir = f"gs://{BUCKET}/killed"
     name = workdir.split("/")[-1]
+    # The dataset the first run built, read from the bucket as config.data.dir.
     cmd = command(workdir, **{"data.dir": f"{gs_run['workdir']}/digits"})
     env = environment(gcs, compilation_cache, tmp_path / "tmp")
-    log_path = tmp_path / "killed.txt"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=log)
-        start = time.time()
-        while len([n for n in gcs.objects(BUCKET, f"{name}/checkpoints/8/")]) < seen:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.time() - start < 300
-            time.sleep(0.02)
-        proc.send_signal(sig)
-        proc.wait(timeout=300)
+    log_path = tmp_path / "run.txt"
+    # (signal, step whose save is under way, objects of that step already in the bucket)
+    for sig, step, seen in [(signal.SIGKILL, 8, 1), (signal.SIGTERM, 12, 1),
+                            (signal.SIGKILL, 16, 12)]:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=log)
+            start = time.time()
+            while objects_of_step(gcs, name, step) < seen:
+                assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+                assert time.time() - start < 300, f"no save of step {step} within 300 s"
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            proc.wait(timeout=300)
+        text = log_path.read_text(errors="replace")
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 0, text[-3000:]
+        saved = ckpt_lib.saved_steps(f"{workdir}/checkpoints")
+        assert saved and max(saved) < NUM_STEPS, (sig, step, saved)
+        if step > 8:
+            assert "resumed from the checkpoint of step" in text, text[-3000:]
+
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from the checkpoint of step" in done.stderr
     reference = read_losses(gs_run["workdir"])
     for step, values in read_losses(workdir).items():
         assert values == reference[step] * len(values), step
     ours, step = ckpt_lib.restore_to_host(f"{workdir}/checkpoints")
     theirs, _ = ckpt_lib.restore_to_host(f"{gs_run['workdir']}/checkpoints", step)
     assert step == NUM_STEPS
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-        np.testing.assert_array_equal(a, b)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
