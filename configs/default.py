@@ -240,3 +240,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""
 
     return config
+
+
+def use_flow(config: ml_collections.ConfigDict, time_sampling: str = "uniform") -> None:
+    """Switches `config` to flow matching as SiT trains it: linear path, velocity prediction,
+    no learned variance (the presets that train by flow share this)."""
+    config.diffusion.kind = "flow"
+    config.diffusion.learn_sigma = False
+    config.diffusion.flow.path = "linear"
+    config.diffusion.flow.prediction = "velocity"
+    config.diffusion.flow.time_sampling = time_sampling

@@ -83,10 +83,7 @@ def get_config(arg: str | None = None):
         config.eval.cfg_scale = 1.0
     if values["flow"]:
         # SiT's objective and sampler: linear path, velocity, uniform time; SDE, 250 steps.
-        config.diffusion.kind = "flow"
-        config.diffusion.learn_sigma = False
-        config.diffusion.flow.path = "linear"
-        config.diffusion.flow.prediction = "velocity"
+        default.use_flow(config)
         config.sampling.sampler = "euler_maruyama"
         config.sampling.num_steps = 250
     return config

@@ -58,11 +58,7 @@ def get_config(arg: str | None = None):
     config.sampling.num_samples = 1000
 
     if args["flow"]:
-        config.diffusion.kind = "flow"
-        config.diffusion.learn_sigma = False
-        config.diffusion.flow.path = "linear"
-        config.diffusion.flow.prediction = "velocity"
-        config.diffusion.flow.time_sampling = "logit_normal"
+        default.use_flow(config, time_sampling="logit_normal")
         config.sampling.sampler = "heun"
         config.sampling.num_steps = 25  # 50 network evaluations
         config.sampling.cfg_scale = 3.0

@@ -290,6 +290,44 @@ def saved_steps(directory: str) -> list[int]:
         manager.close()
 
 
+# The run's record of the checkpoint it ended with: `<checkpoints>/<step>` file by file, with
+# sizes. A restart compares it with what is there (a listing, seconds even on Cloud Storage)
+# before taking the run as finished without restoring anything; a step cut short afterwards (a
+# copy that stopped midway) no longer matches, and the full start-up then finds the damage.
+FINAL_RECORD = "final_checkpoint.json"
+
+
+def _files(step_dir: epath.Path) -> dict[str, int]:
+    return {str((root / name).relative_to(step_dir)): (root / name).stat().length
+            for root, _, names in step_dir.walk() for name in names}
+
+
+def record_final_step(directory: str, step: int) -> None:
+    """Writes the record of step `step` beside the checkpoints (process 0, once the save is
+    whole)."""
+    import json
+
+    record = {"step": step, "files": _files(epath.Path(directory) / str(step))}
+    path = epath.Path(directory).parent / FINAL_RECORD
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def matches_final_record(directory: str, step: int) -> bool:
+    """True when `directory/step` holds exactly the files, of the sizes, that the run recorded
+    when it saved that step as its last."""
+    import json
+
+    path = epath.Path(directory).parent / FINAL_RECORD
+    try:
+        record = json.loads(path.read_text())
+        return record["step"] == step and record["files"] == _files(
+            epath.Path(directory) / str(step))
+    except Exception:  # noqa: BLE001 - no record, an older run's or a damaged one: not trusted
+        return False
+
+
 def restore_to_host(directory: str, step: int | None = None,
                     items: tuple[str, ...] = ("step", "params", "ema_params")) -> tuple[dict, int]:
     """Numpy arrays of the saved state (by default without the optimizer state) and the step.

@@ -69,6 +69,29 @@ def quiet_orbax(level: int = logging.WARNING) -> None:
             target.addFilter(QuietOrbax(level))
 
 
+def quiet_closed_loop_callbacks() -> None:
+    """TensorStore hands each finished write to the asyncio loop that awaited it. When a save
+    fails (a full disk), Orbax's background thread closes that loop while the save's other
+    writes are still finishing, and each of them then reports `RuntimeError: Event loop is
+    closed` through `sys.unraisablehook` with a full traceback. The save's own failure reaches
+    the main thread and ends the run with one line, so these say nothing more: they are logged
+    at DEBUG (printed in full with DICO_JAX_TRACEBACKS=1)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "dico_jax_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        err = unraisable.exc_value
+        if (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+                and not show_tracebacks()):
+            log.debug("a write finished after its event loop closed (a failed save)")
+            return
+        previous(unraisable)
+
+    hook.dico_jax_quiet = True
+    sys.unraisablehook = hook
+
+
 def on_multiprocess_runtime() -> bool:
     """True on runtimes where `jax.distributed.initialize()` finds its peers by itself:
     Cloud TPU VMs (single- or multi-host), GKE TPU jobs, Slurm jobs with several tasks, or
@@ -349,6 +372,7 @@ def start(orbax_level: int = logging.WARNING) -> None:
     if host_memory.retain_freed_memory_on_cpu():
         log.debug("CPU backend: the host allocator keeps freed memory (dico_jax.host_memory)")
     quiet_orbax(orbax_level)
+    quiet_closed_loop_callbacks()
     initialize_distributed()
     log.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -400,6 +400,8 @@ def finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None
     saved = ckpt_lib.saved_steps(directory)
     if not saved or saved[-1] < config.num_train_steps:
         return None
+    if not ckpt_lib.matches_final_record(directory, saved[-1]):
+        return None  # not what the run finished with (damaged, or older): the full start-up
     try:
         saved_config = ckpt_lib.read_config(directory, saved[-1])
     except Exception:  # noqa: BLE001 - an older or damaged step: the full start-up decides
@@ -605,6 +607,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None
     else:
         t0 = time.perf_counter()
         checkpointer.wait_until_finished()  # the last save, whole before returning
+        if is_chief and step >= config.num_train_steps:
+            ckpt_lib.record_final_step(checkpointer.directory, step)
         if is_chief:
             logging.info("last checkpoint written (waited %.1f s); training done",
                          time.perf_counter() - t0)

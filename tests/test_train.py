@@ -410,7 +410,6 @@ def test_run_level_user_errors_are_one_line(digits_dir, straight_run, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open defect: the finished-run check reads only the newest step's config, so a finished run whose newest arrays are damaged says finished instead of falling back", strict=False)
 def test_damaged_newest_checkpoint_falls_back_and_the_run_continues(digits_dir, straight_run,
                                                                      tmp_path, compilation_cache):
     ref_workdir, ref_state, _ = straight_run
@@ -438,7 +437,6 @@ def test_damaged_newest_checkpoint_falls_back_and_the_run_continues(digits_dir, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open defect: under load, Orbax's asyncio threads can print 'Event loop is closed' tracebacks before the one line", strict=False)
 def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(
         digits_dir, straight_run, small_tmpfs, compilation_cache):
     ref_workdir = straight_run[0]
