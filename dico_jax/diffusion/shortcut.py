@@ -5,7 +5,7 @@ Times follow `meanflow.py` (not the paper's, whose t = 1 is data): t runs from 0
 (noise), z_t = (1 - t) x + t eps, and the flow velocity is v = eps - x. The network
 s(z_t, t, d) predicts the direction of a step of size d towards the data,
 z_{t-d} = z_t - d s(z_t, t, d) (the paper's Eq. 4 in this time), and is called as MeanFlow's
-u(z, r, t) with r = t - d: the same two time inputs (1000 t, 1000 d), the same sampler.
+u(z, r, t) with r = t - d: the same two time inputs (t, d), the same sampler.
 
 Each batch mixes two kinds of targets (Sec. 3.2):
 
