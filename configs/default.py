@@ -154,14 +154,32 @@ def get_config() -> ml_collections.ConfigDict:
     # the weight of LightningDiT's velocity-direction loss 1 - cos(output, target) (0: off).
     config.diffusion.flow.sample_shift = config_dict.placeholder(float)
     config.diffusion.flow.cosine_weight = 0.0
+    # kind="meanflow" (arXiv 2505.13447, dico_jax/diffusion/meanflow.py) and kind="shortcut"
+    # (arXiv 2410.12557, dico_jax/diffusion/shortcut.py): few-step objectives whose network
+    # takes a second time input. Fields left None keep the papers' values: MeanFlow's
+    # logit-normal (r, t) (logit_mean, logit_std), the share of r != t (ratio_r_neq_t), the
+    # adaptive weighting (adaptive_p, adaptive_c) and the guidance folded into the target
+    # (cfg_omega, cfg_kappa; 1 and 0 train without it); the shortcut model's finest step
+    # 1 / denoise_steps, the one row in bootstrap_every that trains self-consistency, and
+    # whether the EMA weights make those targets (ema_teacher).
+    config.diffusion.meanflow = ml_collections.ConfigDict()
+    for field in ("logit_mean", "logit_std", "ratio_r_neq_t", "adaptive_p", "adaptive_c",
+                  "cfg_omega", "cfg_kappa"):
+        config.diffusion.meanflow[field] = config_dict.placeholder(float)
+    config.diffusion.shortcut = ml_collections.ConfigDict()
+    config.diffusion.shortcut.denoise_steps = config_dict.placeholder(int)
+    config.diffusion.shortcut.bootstrap_every = config_dict.placeholder(int)
+    config.diffusion.shortcut.ema_teacher = config_dict.placeholder(bool)
 
     # Sampling: the FID protocol (250 ancestral steps, EMA weights, CFG on 3 eps channels);
     # the training-time grids use the same settings with `grid_per_class` images per class.
     # Samplers (dico_jax.diffusion.SAMPLERS): "ddpm", "ddim" or "ddimN" for kind="ddpm",
     # which take `respacing` (the kept DDPM steps); "euler", "heun" (ODE) or "euler_maruyama"
     # (SDE) for kind="flow", which take `num_steps` (solver steps; Heun evaluates the network
-    # twice per step, Euler-Maruyama counts its last step among them). Empty: the objective's
-    # own, "ddpm" for kind="ddpm" and "heun" for kind="flow".
+    # twice per step, Euler-Maruyama counts its last step among them); "meanflow" and
+    # "shortcut" for their kinds, one network evaluation per step of `num_steps` (a power of
+    # two for shortcut models). Empty: the objective's own, "ddpm" for kind="ddpm", "heun"
+    # for kind="flow", the few-step sampler of kind="meanflow" or "shortcut".
     config.sampling = ml_collections.ConfigDict()
     config.sampling.sampler = ""
     config.sampling.respacing = "250"
@@ -250,3 +268,16 @@ def use_flow(config: ml_collections.ConfigDict, time_sampling: str = "uniform") 
     config.diffusion.flow.path = "linear"
     config.diffusion.flow.prediction = "velocity"
     config.diffusion.flow.time_sampling = time_sampling
+
+
+def use_few_step(config: ml_collections.ConfigDict, kind: str, num_steps: int = 1) -> None:
+    """Switches `config` to a few-step objective, "meanflow" or "shortcut" (their papers'
+    settings), sampled and evaluated in `num_steps` network evaluations."""
+    if kind not in ("meanflow", "shortcut"):
+        raise ValueError(f"few-step kind must be 'meanflow' or 'shortcut', got {kind!r}")
+    config.diffusion.kind = kind
+    config.diffusion.learn_sigma = False
+    config.sampling.sampler = ""
+    config.sampling.num_steps = num_steps
+    config.eval.sampler = ""
+    config.eval.num_steps = num_steps

@@ -6,16 +6,18 @@
 builds the dataset under the workdir, trains, and writes `samples.png` there: one row per
 digit class, sampled from the EMA weights with classifier-free guidance. The argument `flow`
 trains the same network for the same steps by flow matching (linear path, velocity
-prediction) and samples with a few Heun steps instead of 100 DDPM steps.
+prediction) and samples with a few Heun steps instead of 100 DDPM steps. `meanflow` and
+`shortcut` train the few-step objectives and sample in one network evaluation
+(`--config.sampling.num_steps=2` or 4 for more).
 """
 from configs import default
 
 # Every argument this file documents (tests/test_configs.py checks each one's config).
-PRESETS = ("", "flow")
+PRESETS = ("", "flow", "meanflow", "shortcut")
 
 
 def get_config(arg: str | None = None):
-    args = default.parse_arg(arg, flow=False)
+    args = default.parse_arg(arg, flow=False, meanflow=False, shortcut=False)
     config = default.get_config()
     config.model.name = "DiCo-S"
     config.model.hidden_size = 32
@@ -62,4 +64,20 @@ def get_config(arg: str | None = None):
         config.sampling.sampler = "heun"
         config.sampling.num_steps = 25  # 50 network evaluations
         config.sampling.cfg_scale = 3.0
+    if args["meanflow"] and args["shortcut"]:
+        raise ValueError(f"config arg {arg!r}: meanflow and shortcut are separate presets")
+    if args["meanflow"] or args["shortcut"]:
+        if args["flow"]:
+            raise ValueError(f"config arg {arg!r}: flow is its own preset")
+        default.use_few_step(config, "meanflow" if args["meanflow"] else "shortcut")
+    if args["meanflow"]:
+        # Guidance trained into the target (Eq. 13-16 of the paper, omega = 2): one network
+        # evaluation per guided step, so sampling adds none.
+        config.diffusion.meanflow.cfg_omega = 2.0
+        config.sampling.cfg_scale = 1.0
+    if args["shortcut"]:
+        # The self-consistency targets from the online weights: on a run this short the EMA
+        # teacher lags behind (1-step FID 382 with it, 3.2 without: docs/fewstep.md).
+        config.diffusion.shortcut.ema_teacher = False
+        config.sampling.cfg_scale = 1.0
     return config

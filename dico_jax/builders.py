@@ -7,15 +7,22 @@ the same objects from the same fields.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import optax
 
 from dico_jax.diffusion import FlowMatching, GaussianDiffusion, create_diffusion
+from dico_jax.diffusion.meanflow import MeanFlow
+from dico_jax.diffusion.shortcut import Shortcut
 from dico_jax.models import DiCo, get_model
 
 # The training objectives `config.diffusion.kind` selects.
-DIFFUSION_KINDS = ("ddpm", "flow")
+DIFFUSION_KINDS = ("ddpm", "flow", "meanflow", "shortcut")
+# The few-step objectives: their network takes a second time input (the interval or step
+# size) and samples in a few evaluations (`meanflow.sample_average_velocity`).
+FEW_STEP_KINDS = ("meanflow", "shortcut")
+Objective = GaussianDiffusion | FlowMatching | MeanFlow | Shortcut
 
 
 def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -25,7 +32,7 @@ def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 
 def diffusion_kind(config: Mapping[str, Any]) -> str:
     """The training objective: "ddpm" (the official one, also for configs saved before the
-    field existed) or "flow" (flow matching)."""
+    field existed), "flow" (flow matching), "meanflow" or "shortcut" (few-step)."""
     kind = _section(config, "diffusion").get("kind", "ddpm") or "ddpm"
     if kind not in DIFFUSION_KINDS:
         raise ValueError(f"config.diffusion.kind={kind!r}: use one of "
@@ -35,8 +42,8 @@ def diffusion_kind(config: Mapping[str, Any]) -> str:
 
 def learn_sigma(config: Mapping[str, Any]) -> bool:
     """Whether the network predicts the variance too (the DDPM objective's default; never
-    with flow matching, whose network outputs `in_channels`)."""
-    if diffusion_kind(config) == "flow":
+    with the other objectives, whose network outputs `in_channels`)."""
+    if diffusion_kind(config) != "ddpm":
         return False
     return bool(_section(config, "diffusion").get("learn_sigma", True))
 
@@ -65,6 +72,8 @@ def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         fields["depths"] = tuple(int(d) for d in fields["depths"])
     fields.update(dtype=config.get("dtype", "float32"), remat=config.get("remat", "none"),
                   learn_sigma=learn_sigma(config))
+    if diffusion_kind(config) in FEW_STEP_KINDS:
+        fields["second_time"] = True
     return fields
 
 
@@ -75,20 +84,49 @@ def build_model(config: Mapping[str, Any], **overrides) -> DiCo:
     return get_model(_section(config, "model")["name"], **fields)
 
 
-def build_diffusion(config: Mapping[str, Any], respacing: str = ""
-                    ) -> GaussianDiffusion | FlowMatching:
+def build_meanflow(config: Mapping[str, Any]) -> MeanFlow:
+    """The `MeanFlow` of `config.diffusion.meanflow` (fields left out keep the paper's)."""
+    m = _section(_section(config, "diffusion"), "meanflow")
+    fields = {f.name: float(m[f.name]) for f in dataclasses.fields(MeanFlow)
+              if m.get(f.name) is not None}
+    try:
+        return MeanFlow(**fields)
+    except ValueError as err:
+        raise ValueError(f"config.diffusion.meanflow.{err}") from None
+
+
+def build_shortcut(config: Mapping[str, Any]) -> Shortcut:
+    """The `Shortcut` of `config.diffusion.shortcut` (fields left out keep the paper's)."""
+    m = _section(_section(config, "diffusion"), "shortcut")
+    kinds = {"denoise_steps": int, "bootstrap_every": int, "ema_teacher": bool}
+    fields = {k: kind(m[k]) for k, kind in kinds.items() if m.get(k) is not None}
+    try:
+        return Shortcut(**fields)
+    except ValueError as err:
+        raise ValueError(f"config.diffusion.shortcut.{err}") from None
+
+
+def build_diffusion(config: Mapping[str, Any], respacing: str = "") -> Objective:
     """The config's objective: for "ddpm" the diffusion with every step for training (""), or
-    respaced for sampling; for "flow" the `FlowMatching` (`respacing` does not apply)."""
+    respaced for sampling; for the others their objective (`respacing` does not apply)."""
     d = _section(config, "diffusion")
-    if diffusion_kind(config) == "flow":
+    kind = diffusion_kind(config)
+    if kind != "ddpm":
         model = _section(config, "model")
         out_ch, in_ch = model.get("out_channels"), model.get("in_channels")
+        if d.get("learn_sigma", False):
+            raise ValueError(f"config.diffusion.learn_sigma=True, but config.diffusion.kind="
+                             f"{kind!r} learns no variance: set config.diffusion.learn_sigma=False")
         if out_ch is not None and in_ch is not None and int(out_ch) != int(in_ch):
             # The training loop fills out_channels from config.diffusion.learn_sigma.
             raise ValueError(
-                f"config.diffusion.kind='flow' predicts in_channels={in_ch} channels, but "
+                f"config.diffusion.kind={kind!r} predicts in_channels={in_ch} channels, but "
                 f"config.model.out_channels={out_ch}: set config.diffusion.learn_sigma=False "
-                "(flow matching learns no variance)")
+                "(only the DDPM objective learns a variance)")
+        if kind == "meanflow":
+            return build_meanflow(config)
+        if kind == "shortcut":
+            return build_shortcut(config)
         return build_flow(config)
     return create_diffusion(respacing, noise_schedule=d.get("noise_schedule", "linear"),
                             learn_sigma=learn_sigma(config),

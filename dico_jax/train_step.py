@@ -17,6 +17,11 @@ import optax
 
 from dico_jax import sharding as sharding_lib
 from dico_jax.diffusion import FlowMatching, GaussianDiffusion
+from dico_jax.diffusion.meanflow import MeanFlow, network_times
+from dico_jax.diffusion.shortcut import Shortcut
+from dico_jax.models import time_inputs
+
+Objective = GaussianDiffusion | FlowMatching | MeanFlow | Shortcut
 
 Metrics = dict[str, jax.Array]
 
@@ -38,7 +43,7 @@ def create_train_state(key: jax.Array, model: Any, tx: optax.GradientTransformat
     """Fresh parameters; the EMA starts equal to them (as the official recipe)."""
     x = jnp.zeros((1, *latent_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    params = model.init({"params": key}, x, t, t)["params"]
+    params = model.init({"params": key}, x, t, t, **time_inputs(model, t))["params"]
     # A separate copy: params and EMA are donated to the step as distinct buffers.
     ema_params = jax.tree.map(jnp.copy, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
@@ -66,8 +71,8 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def step_draws(step_key: jax.Array, step: jax.Array, labels: jax.Array,
-               latent_shape: tuple[int, ...], diffusion: GaussianDiffusion | FlowMatching,
-               drop_prob: float) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+               latent_shape: tuple[int, ...], diffusion: Objective,
+               drop_prob: float) -> tuple[Any, jax.Array, jax.Array | None]:
     """Timesteps, noise and label-drop mask of every position of step `step`'s global batch.
 
     Drawn for the whole batch from fold_in(step_key, step), so they depend on the seed, the
@@ -81,6 +86,8 @@ def step_draws(step_key: jax.Array, step: jax.Array, labels: jax.Array,
     n = labels.shape[0]
     if isinstance(diffusion, FlowMatching):
         t = diffusion.sample_time(t_key, n)
+    elif isinstance(diffusion, (MeanFlow, Shortcut)):
+        t = diffusion.sample_times(t_key, n)
     else:
         t = jax.random.randint(t_key, (n,), 0, diffusion.num_timesteps)
     noise = jax.random.normal(noise_key, (n, *latent_shape), jnp.float32)
@@ -88,13 +95,48 @@ def step_draws(step_key: jax.Array, step: jax.Array, labels: jax.Array,
     return t, noise, drop
 
 
-def loss_terms(diffusion: GaussianDiffusion | FlowMatching) -> tuple[str, ...]:
+def loss_terms(diffusion: Objective) -> tuple[str, ...]:
     """The per-example terms besides "loss" that a step averages and reports: the DDPM
     objective's "mse" and "vb" (its learned-variance bound), flow matching's "mse" (and
-    "cos", its velocity-direction term, when weighted)."""
-    if isinstance(diffusion, FlowMatching):
-        return ("mse", "cos") if diffusion.cosine_weight else ("mse",)
-    return ("mse", "vb")
+    "cos", its velocity-direction term, when weighted), the few-step objectives' "mse"."""
+    if isinstance(diffusion, GaussianDiffusion):
+        return ("mse", "vb")
+    if isinstance(diffusion, FlowMatching) and diffusion.cosine_weight:
+        return ("mse", "cos")
+    return ("mse",)
+
+
+def few_step_losses(diffusion: MeanFlow | Shortcut, model: Any, params: Any,
+                    teacher_params: Any, m: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The per-example terms of a few-step objective on micro-batch `m`. The network takes
+    the interval [r, t] (a shortcut step: [t - d, t]) as its two time inputs
+    (`meanflow.network_times`); `teacher_params` make the shortcut model's self-consistency
+    targets."""
+    def network(p, labels, drop):
+        def u_fn(z, r, t):
+            first, second = network_times(r, t)
+            return model.apply({"params": p}, z, first, labels, h=second, force_drop=drop)
+        return u_fn
+
+    y, drop = m["y"], m["drop"]
+    if isinstance(diffusion, MeanFlow):
+        r, t = m["t"]
+        # Guidance folded into the target (Eq. 21) takes u(z_t, t, t) with the labels and
+        # with the null label.
+        return diffusion.training_losses(
+            network(params, y, drop), m["x"], r, t, m["noise"],
+            u_cond=network(params, y, None), u_uncond=network(params, y, jnp.ones_like(y, bool)),
+            dropped=drop)
+    # Shortcut: the self-consistency rows keep their labels (the authors drop only the
+    # flow-matching rows' labels); the teacher sees those rows alone, without gradient.
+    k = diffusion.bootstrap_every
+    if drop is not None:
+        drop = drop & ~diffusion.bootstrap_rows(y.shape[0])
+    student = network(params, y, drop)
+    teacher = network(jax.lax.stop_gradient(teacher_params), y[::k], None)
+    return diffusion.training_losses(lambda z, t, d: student(z, t - d, t),
+                                     lambda z, t, d: teacher(z, t - d, t),
+                                     m["x"], m["t"], m["noise"])
 
 
 def _micro_batches(tree: Any, k: int) -> Any:
@@ -111,10 +153,11 @@ def _micro_batches(tree: Any, k: int) -> Any:
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
-               diffusion: GaussianDiffusion | FlowMatching, tx: optax.GradientTransformation,
+               diffusion: Objective, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule, ema_decay: float,
                step_key: jax.Array, grad_accum_steps: int = 1) -> tuple[TrainState, Metrics]:
-    """One AdamW step on the diffusion loss (DDPM or flow matching) and the EMA update.
+    """One AdamW step on the objective's loss (DDPM, flow matching, MeanFlow or shortcut)
+    and the EMA update.
 
     The loss and gradient are those of the whole global batch; with `grad_accum_steps` = k
     they are accumulated over k micro-batches in a `lax.scan` (the activations of one
@@ -129,10 +172,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
     micro = {"x": x, "y": y, "t": t, "noise": noise, "drop": drop}
 
     def loss_fn(params, m):
-        def model_fn(x_t, timesteps):
-            return model.apply({"params": params}, x_t, timesteps, m["y"],
-                               force_drop=m["drop"])
-        terms = diffusion.training_losses(model_fn, m["x"], m["t"], m["noise"])
+        if isinstance(diffusion, (MeanFlow, Shortcut)):
+            teacher = (state.ema_params if getattr(diffusion, "ema_teacher", False)
+                       else params)
+            terms = few_step_losses(diffusion, model, params, teacher, m)
+        else:
+            def model_fn(x_t, timesteps):
+                return model.apply({"params": params}, x_t, timesteps, m["y"],
+                                   force_drop=m["drop"])
+            terms = diffusion.training_losses(model_fn, m["x"], m["t"], m["noise"])
         return jnp.mean(terms["loss"]), {k: jnp.mean(terms[k]) for k in names}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -165,7 +213,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Any,
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: Any,
-                    diffusion: GaussianDiffusion | FlowMatching,
+                    diffusion: Objective,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     shardings: TrainState, mesh: jax.sharding.Mesh) -> Callable:
     """`train_step` jitted with explicit shardings; the input state is donated."""

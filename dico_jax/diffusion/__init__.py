@@ -1,4 +1,5 @@
-"""Diffusion for DiCo: Gaussian (DDPM) and flow-matching objectives, samplers and guidance."""
+"""Diffusion for DiCo: Gaussian (DDPM), flow-matching and few-step (MeanFlow, shortcut)
+objectives, samplers and guidance."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +22,8 @@ from dico_jax.diffusion.flow_sampling import (
     time_grid,
 )
 from dico_jax.diffusion.guidance import guided_model_fn
+from dico_jax.diffusion.meanflow import MeanFlow, sample_average_velocity
+from dico_jax.diffusion.shortcut import Shortcut
 from dico_jax.diffusion.respace import respaced_betas, space_timesteps
 from dico_jax.diffusion.sampling import ddim_sample_loop, p_sample_loop
 
@@ -28,8 +31,10 @@ __all__ = [
     "BETA_SCHEDULES",
     "FlowMatching",
     "GaussianDiffusion",
+    "MeanFlow",
     "SAMPLERS",
     "Sampler",
+    "Shortcut",
     "create_diffusion",
     "ddim_sample_loop",
     "discretized_gaussian_log_likelihood",
@@ -44,6 +49,7 @@ __all__ = [
     "path_coefficients",
     "resolve_sampler",
     "respaced_betas",
+    "sample_average_velocity",
     "shift_time",
     "space_timesteps",
     "time_grid",
@@ -94,6 +100,11 @@ def _sde_loop(flow, velocity_fn, noise, rng, *, num_steps: int, shift: float = 1
         shift=shift)
 
 
+def _few_step_loop(objective, u_fn, noise, rng, *, num_steps: int):
+    del rng  # deterministic
+    return objective.sample(u_fn, noise, num_steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """How to run one sampler, and for which objective (`config.diffusion.kind`).
@@ -101,11 +112,19 @@ class Sampler:
     "ddpm" samplers: `loop(diffusion, model_fn, noise, rng) -> x_0`, with the prefix their
     respacing takes (DDIM strides the kept steps evenly: "ddim50"). "flow" samplers:
     `loop(flow, velocity_fn, noise, rng, *, num_steps, shift, **sde_options) -> x_1`.
+    "meanflow" and "shortcut": `loop(objective, u_fn, noise, rng, *, num_steps) -> x_0` with
+    u_fn(z, r, t) the network over the interval [r, t] (one evaluation per step).
     """
 
     loop: Callable
     respacing_prefix: str = ""
     objective: str = "ddpm"
+
+    @property
+    def takes_num_steps(self) -> bool:
+        """Whether the sampler's length is `num_steps` (all but the DDPM ones, which take a
+        respacing)."""
+        return self.objective != "ddpm"
 
 
 # Every sampler the sampling commands, the training grids and the benchmark accept, by name.
@@ -115,13 +134,16 @@ SAMPLERS: dict[str, Sampler] = {
     "euler": Sampler(_ode_loop(euler_sample), objective="flow"),
     "heun": Sampler(_ode_loop(heun_sample), objective="flow"),
     "euler_maruyama": Sampler(_sde_loop, objective="flow"),
+    "meanflow": Sampler(_few_step_loop, objective="meanflow"),
+    "shortcut": Sampler(_few_step_loop, objective="shortcut"),
 }
 
 
 def resolve_sampler(sampler: str, respacing: str | int | None = None) -> tuple[str, str]:
     """(name in SAMPLERS, respacing for `create_diffusion`) from a sampler setting ("ddpm",
     "ddim" or "ddimN", the last fixing N steps) and a respacing ("250"; None: "250" or N).
-    The flow samplers take no respacing (their step count is separate): "" comes back.
+    The other objectives' samplers take no respacing (their step count is separate): "" comes
+    back.
 
     A respacing that disagrees with the steps of "ddimN" is an error rather than a silent
     choice of one of them.
@@ -137,7 +159,7 @@ def resolve_sampler(sampler: str, respacing: str | int | None = None) -> tuple[s
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(sorted(SAMPLERS))}, "
                          "or ddimN for N DDIM steps")
-    if SAMPLERS[name].objective == "flow":
+    if SAMPLERS[name].takes_num_steps:
         return name, ""
     respacing = "250" if respacing is None else str(respacing)
     prefix = SAMPLERS[name].respacing_prefix

@@ -7,10 +7,13 @@ predicts the average velocity over [r, t] (Eq. 3)
     u(z_t, r, t) = 1 / (t - r) * integral_r^t v(z_s, s) ds,
 
 so that one step from noise is z_0 = z_1 - u(z_1, 0, 1) and, generally, z_r = z_t - (t - r)
-u(z_t, r, t) (Eq. 12). With the network's timestep convention of `flow.model_time`
-(1000 x the noise fraction) the first time input is 1000 t, and the second is
-1000 (t - r), embedded by a second timestep embedder whose output is added to the first
-(the paper's (t, t - r) conditioning).
+u(z_t, r, t) (Eq. 12). The network's first time input is t and its second t - r, embedded
+by a second timestep embedder whose output is added to the first (the paper's (t, t - r)
+conditioning). Unlike `flow.model_time`, the times are not scaled by 1000: the JVP
+differentiates the sinusoidal embedding in t, and a 1000-fold time scale multiplies that
+derivative by up to 1000; on the digits the target's (t - r) du/dt term then grew without
+bound (the squared error rose from 4 to 2e4 in 1,300 steps). The authors' JAX code feeds
+t and t - r unscaled, as SiT feeds t.
 
 Training regresses u_theta(z_t, r, t) on the target of the MeanFlow identity (Eq. 6, 10)
 
@@ -29,6 +32,35 @@ import jax.numpy as jnp
 
 # u_fn(z, r, t) -> average velocity, with r and t of shape (N,) in the paper's time.
 AverageVelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+# The network's time inputs are the times themselves (see the module's doc for why not
+# 1000 x, as for the flow objective).
+MODEL_TIME_SCALE = 1.0
+
+
+def network_times(r: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(first, second) time inputs of a `second_time` DiCo for the interval [r, t]: t and
+    t - r. Shortcut models use the same pair, with t - r their step size d."""
+    t = jnp.asarray(t, jnp.float32)
+    return MODEL_TIME_SCALE * t, MODEL_TIME_SCALE * (t - jnp.asarray(r, jnp.float32))
+
+
+def sample_average_velocity(u_fn: AverageVelocityFn, noise: jax.Array, num_steps: int
+                            ) -> jax.Array:
+    """num_steps network evaluations from z_1 = noise to z_0 over an even grid of t:
+    z_r = z_t - (t - r) u(z_t, r, t) (Eq. 12), as one `lax.scan` (one compiled step for any
+    count). A shortcut model's step z_{t-d} = z_t - d s(z_t, t, d) is the same update."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    n = noise.shape[0]
+    grid = jnp.linspace(1.0, 0.0, num_steps + 1)
+
+    def step(z, interval):
+        t, r = jnp.full((n,), interval[0]), jnp.full((n,), interval[1])
+        return z - _bcast(t - r, z.ndim) * u_fn(z, r, t).astype(jnp.float32), None
+
+    z, _ = jax.lax.scan(step, noise.astype(jnp.float32), (grid[:-1], grid[1:]))
+    return z
 
 
 def _bcast(a: jax.Array, ndim: int) -> jax.Array:
@@ -94,12 +126,13 @@ class MeanFlow:
 
     def training_losses(self, u_fn: AverageVelocityFn, x_start: jax.Array, r: jax.Array,
                         t: jax.Array, noise: jax.Array, *,
-                        u_cond: Callable[[], jax.Array] | None = None,
-                        u_uncond: Callable[[], jax.Array] | None = None,
+                        u_cond: AverageVelocityFn | None = None,
+                        u_uncond: AverageVelocityFn | None = None,
                         dropped: jax.Array | None = None) -> dict[str, jax.Array]:
         """{"loss", "mse"}, each (N,). u_fn(z, r, t) is the network with the example's labels
-        (dropped ones already replaced by the null class); `u_cond`/`u_uncond` give
-        u(z_t, t, t) with and without the labels, needed only with guidance.
+        (dropped ones already replaced by the null class); `u_cond`/`u_uncond` are the
+        network with the labels and with the null label (default: u_fn), called at r = t only
+        with guidance.
 
         The error Delta = u_theta - sg(u_tgt) (Eq. 9-10) is weighted adaptively
         (Sec. 4.3): loss = sg(w) ||Delta||^2 with w = 1 / (||Delta||^2 + c)^p, the squared
@@ -112,8 +145,9 @@ class MeanFlow:
         tb = _bcast(t, x.ndim)
         z = (1.0 - tb) * x + tb * eps  # Eq. 1
         v = eps - x
-        v_tilde = self.guided_velocity(v, u_cond or (lambda: u_fn(z, t, t)),
-                                       u_uncond or (lambda: u_fn(z, t, t)), dropped)
+        u_cond, u_uncond = u_cond or u_fn, u_uncond or u_fn
+        v_tilde = self.guided_velocity(v, lambda: u_cond(z, t, t), lambda: u_uncond(z, t, t),
+                                       dropped)
         # d/dt u(z_t, r, t) = v d_z u + d_t u: tangents (v~, 0, 1) for (z, r, t) (Eq. 8).
         u, dudt = jax.jvp(u_fn, (z, r, t), (v_tilde, jnp.zeros_like(r), jnp.ones_like(t)))
         u = u.astype(jnp.float32)
@@ -123,14 +157,5 @@ class MeanFlow:
         return {"loss": weight * sq, "mse": sq / x[0].size}
 
     def sample(self, u_fn: AverageVelocityFn, noise: jax.Array, num_steps: int) -> jax.Array:
-        """num_steps network evaluations from z_1 = noise to z_0 over an even grid of t:
-        z_r = z_t - (t - r) u(z_t, r, t) (Eq. 12)."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        n = noise.shape[0]
-        grid = jnp.linspace(1.0, 0.0, num_steps + 1)
-        z = noise.astype(jnp.float32)
-        for k in range(num_steps):  # few steps: unrolled
-            t, r = jnp.full((n,), grid[k]), jnp.full((n,), grid[k + 1])
-            z = z - _bcast(t - r, z.ndim) * u_fn(z, r, t).astype(jnp.float32)
-        return z
+        """`sample_average_velocity`: num_steps network evaluations (Eq. 12)."""
+        return sample_average_velocity(u_fn, noise, num_steps)

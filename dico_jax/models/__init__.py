@@ -105,7 +105,8 @@ def _forward_flops(model: DiCo, height: int, width: int, channels: int) -> float
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     # Lowered for the CPU, whose client analyses an unoptimized program (a GPU client does not).
     with jax.default_device(jax.devices("cpu")[0]):
-        lowered = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, t)).lower(params, x, t)
+        lowered = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, t,
+                                                      **time_inputs(model, t))).lower(params, x, t)
     cost = lowered.cost_analysis()
     if not cost:
         cost = lowered.compile().cost_analysis()

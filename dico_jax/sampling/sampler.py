@@ -16,6 +16,7 @@ from dico_jax import builders
 from dico_jax.data import spec as data_spec
 from dico_jax.errors import UserError
 from dico_jax.diffusion import SAMPLERS, guided_model_fn, named_beta_schedule, resolve_sampler
+from dico_jax.diffusion.meanflow import network_times
 
 BATCH_AXIS = "batch"
 DEFAULT_PER_DEVICE_BATCH = 32
@@ -56,6 +57,11 @@ class Settings:
         sde = (str(sde.get("diffusion_form", "sigma")), float(sde.get("diffusion_norm", 1.0)),
                None if last_step in (None, "", "none") else str(last_step),
                float(sde.get("last_step_size", 0.04)))
+        interval = parse_interval(s.get("guidance_interval"))
+        if interval is not None and SAMPLERS[sampler].objective in builders.FEW_STEP_KINDS:
+            raise UserError(f"config.sampling.guidance_interval={list(interval)}: the "
+                            f"{sampler} sampler guides every one of its few steps; leave it "
+                            "empty")
         labels = s.get("labels", "")
         if labels:  # checked only when given: a training config may not know its classes yet
             labels = parse_labels(labels, int(config["model"]["num_classes"]))
@@ -68,7 +74,7 @@ class Settings:
             sampler=sampler, respacing=respacing,
             labels=labels or None,
             dtype=str(config.get("dtype", "float32")), num_steps=num_steps,
-            guidance_interval=parse_interval(s.get("guidance_interval")),
+            guidance_interval=interval,
             sde=sde if sampler == "euler_maruyama" else cls.sde)
 
     def record(self) -> dict:
@@ -78,7 +84,7 @@ class Settings:
         out["labels"] = list(self.labels) if self.labels is not None else "random"
         out["sde"] = list(self.sde)
         # Fields that do not apply are left out: records of runs before they existed match.
-        if SAMPLERS[self.sampler].objective != "flow":
+        if not SAMPLERS[self.sampler].takes_num_steps:
             del out["num_steps"]
         if self.sampler != "euler_maruyama":
             del out["sde"]
@@ -108,11 +114,12 @@ def parse_interval(value) -> tuple[float, float] | None:
 
 # The sampler of a section whose `sampler` is empty: the objective's own (`config.diffusion.kind`),
 # so a flow run samples and evaluates with an ODE solver without a second setting.
-DEFAULT_SAMPLERS = {"ddpm": "ddpm", "flow": "heun"}
+DEFAULT_SAMPLERS = {"ddpm": "ddpm", "flow": "heun", "meanflow": "meanflow",
+                    "shortcut": "shortcut"}
 
 
 def sampler_settings(config: Mapping[str, Any], section: str) -> tuple[str, str, int]:
-    """(SAMPLERS name, respacing, flow solver steps) of `config.<section>` ("sampling" or
+    """(SAMPLERS name, respacing, solver steps) of `config.<section>` ("sampling" or
     "eval"): its `sampler`, or the objective's default when empty, checked against the run's
     objective; errors name the field to change."""
     s = config[section]
@@ -126,12 +133,17 @@ def sampler_settings(config: Mapping[str, Any], section: str) -> tuple[str, str,
     except ValueError as err:
         raise UserError(f"config.{section}.sampler={given!r}: {err}") from None
     check_sampler(config, sampler, given, field=f"config.{section}.sampler")
-    if SAMPLERS[sampler].objective != "flow":
+    if not SAMPLERS[sampler].takes_num_steps:
         return sampler, respacing, 0
     num_steps = int(s.get("num_steps", 50) or 0)
     if num_steps < 1:
         raise UserError(f"config.{section}.num_steps={num_steps}: the {sampler} sampler needs "
                         "a number of solver steps >= 1")
+    if kind == "shortcut":
+        try:
+            builders.build_shortcut(config).check_num_steps(num_steps)
+        except ValueError as err:
+            raise UserError(f"config.{section}.{err}") from None
     return sampler, respacing, num_steps
 
 
@@ -260,7 +272,12 @@ def make_sample_fn(model: Any, settings: Settings, latent_shape: Sequence[int], 
                 else min(settings.guidance_channels, channels))
     cfg_scale = float(settings.cfg_scale)
     flow = builders.build_flow(config)
-    if entry.objective == "flow":
+    if entry.objective in builders.FEW_STEP_KINDS:
+        objective = builders.build_diffusion(config)
+        if settings.guidance_interval is not None:
+            raise ValueError(f"the {settings.sampler} sampler guides every step: it takes no "
+                             "guidance interval")
+    elif entry.objective == "flow":
         options = {"num_steps": int(settings.num_steps), "shift": flow.sampling_shift}
         if settings.sampler == "euler_maruyama":
             form, norm, last_step, last_size = settings.sde
@@ -279,6 +296,17 @@ def make_sample_fn(model: Any, settings: Settings, latent_shape: Sequence[int], 
         if noise_sharding is not None:
             noise = jax.lax.with_sharding_constraint(noise, noise_sharding)
         apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)  # noqa: E731
+        if entry.objective in builders.FEW_STEP_KINDS:
+            # Guidance mixes the network's outputs with and without labels at each step, as
+            # for the other objectives; the two time inputs travel as one (N, 2) array so
+            # that the guided batch doubles them with the images.
+            def apply_times(x, times, y):
+                return model.apply({"params": params}, x, times[:, 0], y, h=times[:, 1])
+            guided = guided_model_fn(apply_times, labels, cfg_scale,
+                                     null_label=model.num_classes,
+                                     guidance_channels=guidance)
+            u_fn = lambda z, r, t: guided(z, jnp.stack(network_times(r, t), axis=1))  # noqa: E731
+            return entry.loop(objective, u_fn, noise, loop_key, num_steps=settings.num_steps)
         if entry.objective == "flow":
             velocity_fn = flow.guided_velocity_fn(apply_fn, labels, cfg_scale,
                                                   null_label=model.num_classes,

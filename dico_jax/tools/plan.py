@@ -46,7 +46,7 @@ from dico_jax import sharding as sharding_lib
 from dico_jax import builders, chips, command, errors, train, train_step
 from dico_jax.errors import UserError
 from dico_jax.data import spec as data_spec
-from dico_jax.models import depthwise_for
+from dico_jax.models import depthwise_for, time_inputs
 from dico_jax.tools import roofline
 
 GIB = 2**30
@@ -297,7 +297,8 @@ def plan_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any],
         held, held_shardings = abstract, shardings
     else:
         x = batch["latent"]
-        fn = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+        fn = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y,
+                                                    **time_inputs(model, t)))
         args = (sharding_lib.with_shardings(abstract.params, shardings.params), x,
                 batch["label"], batch["label"])  # timesteps and labels: int32 (N,) alike
         held, held_shardings = abstract.params, shardings.params
