@@ -117,10 +117,11 @@ def _tiny_vavae_folder(path):
 # decoder each compiled); the default suite covers its parts: extraction with statistics and
 # the normalising pipeline (test_latent_stats.py), the preset, cosine term and shift above.
 @pytest.mark.long
-def test_tiny_vavae_and_dico_train_sample_and_decode_end_to_end(tmp_path, compilation_cache):
+def test_tiny_vavae_and_dico_train_sample_decode_and_evaluate_end_to_end(tmp_path, compilation_cache):
     """Digits images -> VA-VAE latents with their statistics -> the LightningDiT recipe on a
     tiny DiCo (normalised latents, cosine term) -> samples denormalised and decoded (the
-    end-of-run grid goes through the sampler and decode that sampling and evaluation use)."""
+    end-of-run grid goes through the sampler and decode that sampling and evaluation use) ->
+    the evaluation during training scores the trained weights."""
     from configs import lightningdit
     from dico_jax import sampling as sample_lib
     from dico_jax import train
@@ -165,3 +166,36 @@ def test_tiny_vavae_and_dico_train_sample_and_decode_end_to_end(tmp_path, compil
     assert (space.vae_kind, space.latent_shape) == ("va-vae", (4, 4, 4))
     assert space.latent_std == pytest.approx(manifest.latent_std)
     assert space.latent_mean == pytest.approx(manifest.latent_mean)
+
+    # Evaluation of the trained weights as evaluation during training does it: samples drawn
+    # with the run's sampler, denormalised with the run's statistics, decoded by the VA-VAE and
+    # scored with an Inception network (random weights, drawn on the host) against images.
+    from dico_jax.convert.vae import load_vae
+    from dico_jax.evaluation import during_training, inception
+
+    shapes = jax.eval_shape(inception.FIDInceptionV3().init, jax.random.key(2),
+                            jnp.zeros((1, 64, 64, 3), jnp.uint8))
+    rng = np.random.default_rng(2)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
+        return (np.ones if "var" in name or "scale" in name else np.zeros)(s.shape, s.dtype)
+
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, arr_0=rng.integers(0, 256, (12, 64, 64, 3), np.uint8))
+    import ml_collections
+
+    config = ml_collections.ConfigDict(source.config)  # the run's, as resolved from its data
+    config.eval.reference = str(reference)
+    config.eval.num_samples = 8
+    config.eval.batch_size = 8
+    config.eval.num_steps = 2
+    evaluator = during_training.Evaluator.from_config(
+        config, workdir, space, vae=load_vae(vae_dir, "float32", "va-vae"),
+        inception_variables=jax.tree_util.tree_map_with_path(draw, shapes))
+    result = evaluator.evaluate(source.params, 3)
+    for key in ("fid", "sfid", "is", "precision", "recall"):
+        assert np.isfinite(result[key]), key
+    assert result["num_samples"] == 8
