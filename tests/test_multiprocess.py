@@ -142,7 +142,9 @@ def _pids(log: Path) -> dict[int, int]:
     return pids
 
 
-@pytest.mark.slow
+# Minutes on 2 cores; by default test_a_failing_process_stops_its_peer_with_the_reason covers
+# the peer stopping and the slice test a resume across process counts.
+@pytest.mark.long
 def test_sigkill_of_one_process_stops_the_other_and_a_rerun_resumes(tmp_path, reference):
     workdir = tmp_path / "run"
     log = tmp_path / "killed.log"
