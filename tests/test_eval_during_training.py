@@ -42,12 +42,7 @@ DIGITS = {  # command-line form, shared by the in-process run and the subprocess
 
 def digits_run_config(**overrides):
     config = digits_config.get_config()
-    for key, value in {**DIGITS, **overrides}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    config.update_from_flattened_dict({**DIGITS, **overrides})
     return config
 
 

@@ -48,12 +48,7 @@ def tiny_config(kind, data_dir, **overrides):
               # The run evaluates itself once at its end, with the objective's sampler.
               "eval.every_steps": NUM_STEPS, "keep_every_steps": NUM_STEPS,
               "eval.num_samples": 32, "eval.batch_size": 32, **overrides}
-    for key, value in fields.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(fields)
     return config
 
 

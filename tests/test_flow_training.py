@@ -36,12 +36,8 @@ MIN_ACCURACY = 0.8
 
 
 def set_fields(config, **fields):
-    for key, value in fields.items():
-        *parents, leaf = key.split("__")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    """`model__hidden_size=16` sets config.model.hidden_size."""
+    config.update_from_flattened_dict({k.replace("__", "."): v for k, v in fields.items()})
     return config
 
 

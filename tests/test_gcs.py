@@ -18,23 +18,9 @@ from etils import epath
 
 from dico_jax import checkpoint as ckpt_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_train import NUM_STEPS, ROOT, TINY  # the same tiny run as the local-disk tests
+
 BUCKET = "dico-test"
-NUM_STEPS = 24
-TINY = {
-    "model.hidden_size": 16,
-    "global_batch_size": 16,
-    "num_train_steps": NUM_STEPS,
-    "log_every_steps": 4,
-    "checkpoint_every_steps": 4,
-    "keep_checkpoints": 10,
-    "mesh.data": 4,
-    "mesh.fsdp": 2,
-    "fsdp_min_size": 256,
-    "sample_at_end": False,
-    "debug_log_losses": True,
-    "eval.every_steps": 0,
-}
 
 
 def command(workdir, **overrides):

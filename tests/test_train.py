@@ -60,12 +60,7 @@ def digits_dir(tmp_path_factory):
 
 def tiny_config(data_dir, **overrides):
     config = digits_config.get_config()
-    for key, value in {**TINY, "data.dir": data_dir, **overrides}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict({**TINY, "data.dir": data_dir, **overrides})
     return config
 
 
