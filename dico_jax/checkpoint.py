@@ -307,11 +307,11 @@ def record_final_step(directory: str, step: int) -> None:
     whole)."""
     import json
 
+    from dico_jax import storage
+
     record = {"step": step, "files": _files(epath.Path(directory) / str(step))}
-    path = epath.Path(directory).parent / FINAL_RECORD
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(path)
+    text = json.dumps(record, indent=1, sort_keys=True).encode()
+    storage.atomic_write(epath.Path(directory).parent / FINAL_RECORD, lambda f: f.write(text))
 
 
 def matches_final_record(directory: str, step: int) -> bool:
