@@ -123,8 +123,15 @@ def validate_config(config: ml_collections.ConfigDict,
     `jax.device_count()`)."""
     check_settings(config)
     try:
-        check_norm_impl(config.model.get("norm_impl", "xla"), jax.default_backend(),
-                        "config.model.norm_impl")
+        norm_impl = config.model.get("norm_impl", "xla")
+        check_norm_impl(norm_impl, jax.default_backend(), "config.model.norm_impl")
+        if norm_impl != "xla" and builders.diffusion_kind(config) == "meanflow":
+            # The kernels replace the layer norm's backward pass only; MeanFlow also needs its
+            # forward-mode derivative, which a custom_vjp function cannot give.
+            raise ValueError(
+                f"config.model.norm_impl={norm_impl!r}: MeanFlow differentiates the network in "
+                "forward mode (a JVP), which the Pallas layer-norm kernels do not provide; use "
+                "config.model.norm_impl=xla")
         slices = sharding_lib.num_slices() if num_devices is None else 1
         num_devices = jax.device_count() if num_devices is None else num_devices
         axes = sharding_lib.resolve_axis_sizes(config.mesh, num_devices, slices)

@@ -158,8 +158,12 @@ def test_local_pod_leaves_out_the_gloo_connection_lines():
     from dico_jax.tools import local_pod
 
     out = io.StringIO()
+    # As two connections of one process print them: whole, or interleaved across lines.
     script = ("print('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected "
-              "peer ranks is : 1'); print('step 1')")
+              "peer ranks is : 1'); print('[Gloo] Rank [Gloo] Rank 7 is connected to 6 is "
+              "connected to 7 peer ranks. Expected number of connected peer ranks is : 7'); "
+              "print('7 peer ranks. Expected number of connected peer ranks is : 7'); "
+              "print('step 1')")
     pod = local_pod.Pod([sys.executable, "-c", script], 1, None, out=out)
     assert pod.wait(5.0) == 0
     lines = [line for line in out.getvalue().splitlines() if not line.startswith("[local_pod]")]

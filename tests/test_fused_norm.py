@@ -134,3 +134,7 @@ def test_pallas_off_a_gpu_is_named():
         check_norm_impl(impl, "tpu")
     config.model.norm_impl = "pallas_interpret"
     train.validate_config(config)
+    # The kernels give no forward mode, which MeanFlow's objective needs.
+    default.use_few_step(config, "meanflow")
+    with pytest.raises(ValueError, match=r"config\.model\.norm_impl='pallas_interpret': MeanFlow"):
+        train.validate_config(config)

@@ -77,8 +77,9 @@ def _describe(code: int) -> str:
 
 
 # The CPU collectives' transport (gloo) prints a line for every connection it makes, with no
-# setting to turn it off; a local pod's log leaves them out.
-GLOO_CHATTER = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+# setting to turn it off; a local pod's log leaves them out. Its threads write each line in
+# pieces, so two connections can interleave into lines that hold any part of the message.
+GLOO_CHATTER = re.compile(r"\[Gloo\]|is connected to|connected peer ranks|\d+ peer ranks")
 
 
 class Pod:
@@ -110,7 +111,7 @@ class Pod:
     def _pump(self, index: int, proc: subprocess.Popen) -> None:
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\n")
-            if GLOO_CHATTER.search(line):  # two processes can interleave within a line
+            if GLOO_CHATTER.search(line):
                 continue
             with self.lock:
                 self.out.write(f"[{index}] {line}\n")
