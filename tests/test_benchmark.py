@@ -6,7 +6,8 @@ import pytest
 from dico_jax.tools import benchmark, profile_summary
 
 
-@pytest.mark.slow
+# A minute on 2 cores; the other benchmark tests cover the table and the JSON rows.
+@pytest.mark.long
 def test_benchmark_row_and_profile(tmp_path, monkeypatch, capsys):
     from dico_jax.tools import roofline
 

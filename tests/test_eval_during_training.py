@@ -157,7 +157,9 @@ def _main_command(workdir, **overrides):
             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
 
 
-@pytest.mark.slow
+# A minute on 2 cores; test_evaluate_run_redoes_only_missing_steps covers redoing missing
+# evaluations, the gs:// kill tests a killed run's resume.
+@pytest.mark.long
 def test_killed_during_evaluation_redoes_it_once(tmp_path, compilation_cache):
     """SIGKILL while step 100 is evaluated; the restart evaluates it from that checkpoint."""
     workdir = str(tmp_path / "run")
@@ -277,6 +279,9 @@ def test_latent_evaluation_end_to_end_on_random_networks(tmp_path):
     assert os.stat(cache).st_mtime_ns == stamp  # computed once per run
 
 
+# A minute on 2 cores; test_sample's VAE tests decode the same sampler's latents, and the
+# LightningDiT end-to-end test trains on latents.
+@pytest.mark.long
 def test_latent_training_grid_is_decoded_with_the_vae(tmp_path):
     import jax.numpy as jnp
     from PIL import Image

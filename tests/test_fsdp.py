@@ -47,6 +47,9 @@ def h_setup():
     return config, mesh, model, tx, schedule, init, abstract, shardings
 
 
+# A minute on 2 cores; the FSDP rules are checked on small models by the other tests here
+# and by the slice test (FSDP across processes).
+@pytest.mark.long
 def test_dico_h_state_is_split_eight_ways_and_step_compiles():
     config = h_setup_config()
     row = plan.plan_train_step(config, jax.devices())

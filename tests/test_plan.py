@@ -43,7 +43,8 @@ def test_plan_splits_the_state_over_fsdp_and_adds_up_memory():
     assert "   1 x 8  " in plan.format_table([row])
 
 
-@pytest.mark.slow
+# Under a minute but a full compile; the train-step plans cover the tool.
+@pytest.mark.long
 def test_forward_plan_holds_the_params_and_does_a_third_of_the_training_work():
     config = small_config()
     config.mesh = {"data": 8, "fsdp": 1}

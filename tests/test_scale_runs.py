@@ -24,7 +24,8 @@ def synthetic_latents(out_dir, count=32):
                           image_size=256, shard_size=16, source="test")
 
 
-@pytest.mark.slow
+# A minute on 2 cores; test_scaling covers the plots and test_gcs the command on a run.
+@pytest.mark.long
 def test_smoke_sweep_run_of_dico_s_is_plotted(tmp_path):
     data = str(tmp_path / "latents")
     synthetic_latents(data)

@@ -188,6 +188,8 @@ def test_resume_is_bitwise_exact(digits_dir, straight_run, tmp_path):
     assert_trees_equal(host(state.to_dict()), ref_state)
 
 
+# A minute on 2 cores; the slice test resumes across meshes and process counts.
+@pytest.mark.long
 def test_restore_onto_smaller_mesh_and_one_cpu(digits_dir, straight_run):
     ref_dir, ref_state, ref_losses = straight_run
     config = train.resolve_config(tiny_config(digits_dir), records.read_manifest(digits_dir))
@@ -294,7 +296,9 @@ def wait_for(predicate, proc, log_path, timeout=240):
         time.sleep(0.05)
 
 
-@pytest.mark.slow
+# A minute on 2 cores; the gs:// kill test stops one run three times (SIGKILL included)
+# and checks the same bit-identical end.
+@pytest.mark.long
 def test_sigkill_then_restart_matches_uninterrupted_run(digits_dir, straight_run, tmp_path,
                                                          compilation_cache):
     _, ref_state, ref_losses = straight_run
