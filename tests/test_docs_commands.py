@@ -445,7 +445,9 @@ def test_the_cheap_commands_run(tmp_path):
         if module == "dico_jax.sample":
             written.add(_value(argv, "--out"))
         ran.append(module)
-    assert ran == ["dico_jax.main", "dico_jax.sample", "dico_jax.evaluate"], ran
+    # The training first; then at least one sampling of its workdir and one scoring.
+    assert ran[0] == "dico_jax.main" and ran.count("dico_jax.main") == 1, ran
+    assert {"dico_jax.sample", "dico_jax.evaluate"} <= set(ran), ran
 
 
 if __name__ == "__main__":
