@@ -350,10 +350,8 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str, extra: Map
     """`config.json` in the workdir: the resolved config plus facts about the model."""
     record = json.loads(config.to_json_best_effort())
     record.update(extra)
-    path = epath.Path(workdir) / "config.json"
-    tmp = epath.Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(path)
+    text = json.dumps(record, indent=2, sort_keys=True).encode()
+    storage.atomic_write(epath.Path(workdir) / "config.json", lambda f: f.write(text))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:

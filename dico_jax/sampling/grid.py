@@ -10,9 +10,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dico_jax import storage
 from dico_jax.sampling.sampler import Settings, make_sample_fn, to_uint8
 
 __all__ = ["image_grid", "make_grid_sampler", "to_uint8", "write_grid", "write_png"]
@@ -128,10 +128,7 @@ def write_png(grid: np.ndarray, path: str) -> None:
     if grid.shape[-1] not in (1, 3):
         raise ValueError(f"a PNG grid needs 1 or 3 channels, got shape {grid.shape}")
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    tmp = epath.Path(f"{path}.tmp")
-    with tmp.open("wb") as f:  # write then rename: a reader never sees half a file
-        image.save(f, format="PNG")
-    tmp.replace(path)
+    storage.atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def write_grid(images: np.ndarray, path: str, max_images: int = 100,
